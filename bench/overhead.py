@@ -1,0 +1,182 @@
+"""`ponder bench overhead`: time the router + depth control add to each round, against calling the
+worker deployment's handle directly with the same kind of rounds.
+
+Both paths run on one local cluster in one run, interleaved request by request:
+- direct: the driver renders each round's prompt with the same tokenizer and prompt builder and calls
+  `ReasoningWorker.generate_stream` through a Serve handle (the call the router makes), R rounds;
+- routed: the OpenAI HTTP API with `min_rounds = max_rounds = R`, so the router runs R rounds and asks
+  depth control after each.
+Every round generates exactly `max_tokens` tokens (`ignore_eos`), and each request asks a question of
+its own (no prefix-cache sharing between the two paths). Per request, the per-round time is the
+request's wall time / R; the added time is routed minus direct at the same percentile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from services.config import DEFAULT_CONFIG, AppConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="app config YAML")
+    p.add_argument(
+        "--model",
+        default="tiny-random-llama",
+        help="model to serve (default: the tiny random model; overhead is model-free)",
+    )
+    p.add_argument("--requests", type=int, default=40, help="requests per path")
+    p.add_argument("--rounds", type=int, default=4, help="rounds per request")
+    p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per round")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def bench_config(args: argparse.Namespace) -> AppConfig:
+    from cluster.local import free_port
+    from cluster.models import ensure_model
+
+    cfg = AppConfig.load(args.config)
+    cfg.engine.model = args.model
+    cfg.engine.model_path = str(ensure_model(args.model))
+    cfg.engine.max_model_len = 2048
+    cfg.engine.kv_cache_memory_bytes = 128 << 20
+    cfg.ray.dashboard = False
+    cfg.http.port = free_port()
+    return cfg
+
+
+async def direct_request(worker, tokenizer, question: str, rounds: int, max_tokens: int) -> float:
+    from services.reasoning.prompts import Message, round_messages
+
+    conversation = [Message("user", question)]
+    texts: list[str] = []
+    spec = {
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "seed": None,
+        "stop": (),
+        "top_logprobs": 5,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    for i in range(rounds):
+        prompt = tokenizer.render(round_messages(conversation, texts))
+        parts = []
+        async for d in worker.options(stream=True).generate_stream.remote(
+            f"d-{question}-{i}", prompt, spec
+        ):
+            parts.append(d["text"])
+        texts.append("".join(parts))
+    return (time.perf_counter() - start) * 1000.0
+
+
+async def routed_request(
+    client: httpx.AsyncClient, model: str, question: str, rounds: int, max_tokens: int
+) -> tuple[float, dict]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "reasoning": {"tier": "critical", "min_rounds": rounds, "max_rounds": rounds},
+    }
+    start = time.perf_counter()
+    resp = await client.post("/v1/chat/completions", json=body)
+    elapsed = (time.perf_counter() - start) * 1000.0
+    resp.raise_for_status()
+    data = resp.json()
+    if len(data["reasoning"]["rounds"]) != rounds:
+        raise RuntimeError(f"expected {rounds} rounds, got {len(data['reasoning']['rounds'])}")
+    return elapsed, data
+
+
+async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
+    from ray import serve
+
+    from services.tokenizer import HfTokenizer
+
+    worker = serve.get_deployment_handle("ReasoningWorker", cfg.app_name)
+    tokenizer = HfTokenizer(cfg.engine.model_path or "")
+    direct, routed, router_rounds = [], [], []
+    async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+        for i in range(-2, args.requests):  # two warm-up pairs, not counted
+            qd, qr = (
+                f"Question {i + 1000}a: what is {i} + 3?",
+                f"Question {i + 1000}b: what is {i} + 3?",
+            )
+            d = await direct_request(worker, tokenizer, qd, args.rounds, args.max_tokens)
+            r, data = await routed_request(
+                client, cfg.engine.model, qr, args.rounds, args.max_tokens
+            )
+            if i >= 0:
+                direct.append(d / args.rounds)
+                routed.append(r / args.rounds)
+                router_rounds.extend(x["latency_ms"] for x in data["reasoning"]["rounds"])
+            if (i + 1) % 10 == 0:
+                print(f"  {i + 1}/{args.requests} request pairs", flush=True)
+    return summarize(direct, routed, router_rounds, args)
+
+
+def summarize(
+    direct: list[float], routed: list[float], router_rounds: list[float], args: argparse.Namespace
+) -> dict:
+    out = {
+        "added_ms_p50": percentile(routed, 50) - percentile(direct, 50),
+        "added_ms_p99": percentile(routed, 99) - percentile(direct, 99),
+        "direct_round_ms_p50": percentile(direct, 50),
+        "direct_round_ms_p99": percentile(direct, 99),
+        "routed_round_ms_p50": percentile(routed, 50),
+        "routed_round_ms_p99": percentile(routed, 99),
+        "router_measured_round_ms_p50": percentile(router_rounds, 50),
+        "direct_round_ms_mean": statistics.fmean(direct),
+        "routed_round_ms_mean": statistics.fmean(routed),
+        "requests": args.requests,
+        "rounds_per_request": args.rounds,
+        "tokens_per_round": args.max_tokens,
+        "model": args.model,
+    }
+    return out
+
+
+def print_table(res: dict) -> None:
+    rows = [
+        ("direct worker handle", res["direct_round_ms_p50"], res["direct_round_ms_p99"]),
+        ("router + depth control (HTTP)", res["routed_round_ms_p50"], res["routed_round_ms_p99"]),
+        ("added per round", res["added_ms_p50"], res["added_ms_p99"]),
+    ]
+    print(
+        f"\nper-round time, {res['requests']} requests x {res['rounds_per_request']} rounds, "
+        f"{res['tokens_per_round']} tokens/round, model {res['model']}"
+    )
+    print(f"{'path':32} {'p50 ms':>10} {'p99 ms':>10}")
+    for name, p50, p99 in rows:
+        print(f"{name:32} {p50:10.2f} {p99:10.2f}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from cluster.local import running
+
+    cfg = bench_config(args)
+    with running(cfg, progress=lambda m: print(m, flush=True)) as url:
+        res = asyncio.run(measure(cfg, url, args))
+    print_table(res)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
+    return 0

@@ -1,0 +1,139 @@
+"""`ponder`: serve, chat, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from cluster.models import ModelError
+from services.config import DEFAULT_CONFIG, AppConfig
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as `error: ...`, exit code 1."""
+
+
+def load_config(path: str) -> AppConfig:
+    if not Path(path).is_file():
+        raise CliError(f"config file not found: {path}")
+    try:
+        return AppConfig.load(path)
+    except ValidationError as exc:
+        raise CliError(f"invalid config {path}:\n{exc}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cluster import local
+    from cluster.models import ensure_model
+
+    cfg = load_config(args.config)
+    if args.host:
+        cfg.http.host = args.host
+    if args.port:
+        cfg.http.port = args.port
+    if not cfg.engine.model_path:
+        cfg.engine.model_path = str(ensure_model(cfg.engine.model))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"starting a local Ray cluster for {cfg.engine.model} ...", flush=True)
+    try:
+        local.start_ray(cfg)
+        local.deploy(cfg, progress=lambda m: print(m, flush=True))
+        print(ready_message(cfg), flush=True)
+        stop.wait()
+        print("shutting down (Serve, then Ray) ...", flush=True)
+    finally:
+        local.shutdown()
+    print("stopped.")
+    return 0
+
+
+def ready_message(cfg: AppConfig) -> str:
+    url = f"http://{cfg.http.host}:{cfg.http.port}"
+    body = json.dumps(
+        {
+            "model": cfg.engine.model,
+            "messages": [{"role": "user", "content": "What is 17 + 25?"}],
+            "reasoning": {"tier": "medium"},
+        }
+    )
+    lines = [
+        f"Ponder is serving {cfg.engine.model} at {url}/v1 (OpenAI-compatible).",
+        "Try:",
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'",
+        '  ponder chat "What is 17 + 25?" --tier medium',
+    ]
+    if cfg.ray.dashboard:
+        lines.append(f"Ray dashboard: http://127.0.0.1:{cfg.ray.dashboard_port}")
+    lines.append("Ctrl-C stops the app and the Ray cluster.")
+    return "\n".join(lines)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from cluster.chat import chat
+
+    return chat(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import overhead
+
+    return overhead.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ponder", description="Multi-round LLM reasoning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start a local Ray cluster and serve the app")
+    s.add_argument("--config", default=str(DEFAULT_CONFIG), help="app config YAML")
+    s.add_argument("--host", help="HTTP bind address (overrides the config)")
+    s.add_argument("--port", type=int, help="HTTP port (overrides the config)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("chat", help="ask a running Ponder server")
+    c.add_argument("question")
+    c.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    c.add_argument("--tier", choices=["low", "medium", "high", "critical"])
+    c.add_argument("--max-rounds", type=int)
+    c.add_argument("--min-rounds", type=int)
+    c.add_argument("--temperature", type=float)
+    c.add_argument("--max-tokens", type=int)
+    c.add_argument("--stream", action="store_true", help="print rounds as they are generated")
+    c.add_argument("--json", action="store_true", help="print the raw JSON response")
+    c.set_defaults(func=cmd_chat)
+
+    from cluster.models import add_models_parser
+
+    add_models_parser(sub)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    o = bsub.add_parser("overhead", help="time added per round by router + depth control")
+    from bench.overhead import add_arguments
+
+    add_arguments(o)
+    o.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Typed application config, loaded from `configs/*.yaml`. One model feeds every part: the local
+`ponder serve`, the Serve app builder, and (later) the Helm chart's serveConfigV2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.engine_config import EngineConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "local-cpu.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorkerConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, le=256, description="Reasoning worker replicas (engines).")
+    num_cpus: float = Field(
+        1.0, ge=0.0, le=512, description="Ray CPUs reserved per worker replica."
+    )
+    num_gpus: float = Field(0.0, ge=0.0, le=8, description="GPUs per worker replica (0 on CPU).")
+    max_ongoing_requests: int = Field(
+        32, ge=1, le=4096, description="Concurrent rounds per replica."
+    )
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(1, ge=1, le=256, description="Router (HTTP ingress) replicas.")
+    num_cpus: float = Field(
+        0.25, ge=0.0, le=64, description="Ray CPUs reserved per router replica."
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Largest request body.")
+    max_messages: int = Field(512, ge=1, le=100_000, description="Most messages in one request.")
+    default_max_tokens: int = Field(256, ge=1, le=32_768, description="Per-round completion cap.")
+    max_tokens_limit: int = Field(2048, ge=1, le=131_072, description="Largest per-round cap.")
+    default_temperature: float = Field(0.7, ge=0.0, le=2.0, description="When a request sets none.")
+    top_logprobs: int = Field(
+        5, ge=1, le=20, description="Top-k logprobs per token for confidence."
+    )
+    min_round_tokens: int = Field(16, ge=1, le=4096, description="Least room a round must have.")
+    depth_control_timeout_s: float = Field(
+        2.0, gt=0.0, le=60.0, description="Past this, a round is decided locally (hard ceilings)."
+    )
+
+
+class DepthControlConfig(_Strict):
+    name: str = Field("ponder-depth-control", description="Name of the depth-control actor.")
+    namespace: str = Field("ponder", description="Ray namespace of Ponder's named actors.")
+    tiers_file: str = Field("tiers.yaml", description="Tier table; relative to the config file.")
+
+
+class RayConfig(_Strict):
+    num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs of the embedded cluster.")
+    dashboard: bool = Field(True, description="Start the Ray dashboard with the embedded cluster.")
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port.")
+
+
+class HttpConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
+
+
+class AppConfig(_Strict):
+    app_name: str = Field("ponder", description="Ray Serve application name.")
+    engine: EngineConfig
+    worker: WorkerConfig = WorkerConfig()
+    router: RouterConfig = RouterConfig()
+    depth_control: DepthControlConfig = DepthControlConfig()
+    ray: RayConfig = RayConfig()
+    http: HttpConfig = HttpConfig()
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_CONFIG) -> AppConfig:
+        """Load and validate; relative file paths inside resolve against the config's folder."""
+        path = Path(path)
+        with open(path, encoding="utf-8") as f:
+            cfg = cls.model_validate(yaml.safe_load(f) or {})
+        tiers = Path(cfg.depth_control.tiers_file)
+        if not tiers.is_absolute():
+            cfg.depth_control.tiers_file = str((path.parent / tiers).resolve())
+        return cfg

@@ -1,0 +1,111 @@
+"""The inference engine seen by Ponder: a small ABC so the worker holds *an* engine, not vLLM.
+
+The real implementation is `services.vllm_engine.VllmEngine`; tests of pure logic may use a fake.
+Everything crossing the engine boundary is plain data (token ids, floats, strings), so results can
+travel between Ray processes without custom serialization.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+# One generated token's alternatives: (token_id, logprob) pairs, best first. Holds the top-k
+# alternatives plus the sampled token when it is outside the top-k.
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What one round asks of the engine. Mirrors the subset of vLLM's SamplingParams we use."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 5
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerateDelta:
+    """New output since the previous delta of the same request (streaming unit)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TopLogprobs]
+    finished: bool = False
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class GenerateResult:
+    """A finished generation: text, token ids and the top-k logprobs of every generated token."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TopLogprobs]
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int = 0
+    ttft_ms: float = 0.0
+    latency_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    vocab_size: int
+    max_model_len: int
+
+
+class Engine(ABC):
+    """An engine serving one model. Implementations must be safe to call concurrently."""
+
+    @abstractmethod
+    async def start(self) -> EngineInfo: ...
+
+    @abstractmethod
+    def generate_stream(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+    ) -> AsyncIterator[GenerateDelta]:
+        """Yield deltas until the request finishes; the last delta has `finished=True`."""
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self) -> None: ...
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+    ) -> GenerateResult:
+        """Collect a whole generation (the non-streaming path)."""
+        return await collect(self.generate_stream(request_id, prompt_token_ids, spec))
+
+
+async def collect(deltas: AsyncIterator[GenerateDelta]) -> GenerateResult:
+    text: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[TopLogprobs] = []
+    last: GenerateDelta | None = None
+    async for delta in deltas:
+        text.append(delta.text)
+        token_ids.extend(delta.token_ids)
+        logprobs.extend(delta.logprobs)
+        last = delta
+    if last is None:
+        raise RuntimeError("engine produced no output")
+    return GenerateResult(
+        text="".join(text),
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        cached_tokens=last.cached_tokens,
+    )

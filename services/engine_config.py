@@ -1,0 +1,79 @@
+"""Typed configuration of one inference engine (one model, one vLLM AsyncLLM).
+
+Kept apart from `services.vllm_engine` so that the app config, the CLI and the Serve builder can
+validate engine settings without importing vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MiB = 1 << 20
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(
+        min_length=1,
+        max_length=256,
+        description='Served model name, e.g. "smollm2-135m-instruct" (what clients ask for).',
+    )
+    model_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Local HF model folder; None means the caller resolves it from `model`.",
+    )
+    dtype: Literal["bfloat16", "float32", "float16", "auto"] = Field(
+        "bfloat16", description="Weight and activation dtype; bfloat16 is the fast path on CPU."
+    )
+    max_model_len: int = Field(
+        4096, ge=256, le=131_072, description="Longest prompt + completion, in tokens."
+    )
+    kv_cache_memory_bytes: int = Field(
+        256 * MiB,
+        ge=16 * MiB,
+        description="KV cache size. Always explicit: vLLM's CPU memory probe is wrong on VMs.",
+    )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="Reuse KV blocks of shared prompt prefixes (later rounds re-send history).",
+    )
+    enforce_eager: bool = Field(
+        True, description="Skip torch.compile: much faster startup, little speed lost on CPU."
+    )
+    max_num_seqs: int = Field(
+        16, ge=1, le=1024, description="Most sequences the scheduler runs in one batch."
+    )
+    max_logprobs: int = Field(
+        20, ge=1, le=20, description="Largest top-k logprobs a request may ask for."
+    )
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Engine seed (requests may set their own)."
+    )
+    block_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="KV cache block size in tokens; None = the platform default (128 on CPU).",
+    )
+    omp_threads: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description=(
+            "OpenMP threads of the CPU engine's model worker; None = the default: OMP_NUM_THREADS "
+            "(Ray sets it to the replica's num_cpus) for an in-process worker, vLLM's own "
+            "binding (every core of NUMA node 0 but one) for a worker process."
+        ),
+    )
+    worker_process: bool = Field(
+        False,
+        description=(
+            "Run the model worker in its own process (vLLM's default) rather than inside the "
+            "engine-core process. False starts ~10 s faster on CPU (one process fewer importing "
+            "vLLM); True is needed for tensor/pipeline parallelism."
+        ),
+    )

@@ -1,0 +1,218 @@
+"""Runs one request's reasoning loop round by round (no ray/vllm import: engine and depth control
+are injected as callables, so the router, the benchmarks and the engine tests share this code).
+
+It yields events: reasoning text, content text, one `RoundDone` per round, then `Finished`. A round
+that may end the loop on confidence is held until its verdict, so streamed `reasoning_content` and
+`content` match the non-streaming response exactly (see `round_role`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.engine import GenerateDelta, SamplingSpec
+from services.reasoning.confidence import round_confidence
+from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
+from services.reasoning.prompts import Message, round_messages
+from services.reasoning.tiers import Reason, RoundPlan, Verdict
+
+GenerateFn = Callable[[str, list[int], SamplingSpec], AsyncIterator[GenerateDelta]]
+DecideFn = Callable[[RoundPlan, int, float | None], Awaitable[Verdict | None]]
+
+
+class Tokenizer(Protocol):
+    def render(self, messages: Sequence[Message]) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+
+
+class ContextLengthError(ValueError):
+    """The first round's prompt does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_model_len: int, min_round_tokens: int) -> None:
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens; the messages take "
+            f"{prompt_tokens} tokens with Ponder's reasoning instructions, leaving fewer than "
+            f"{min_round_tokens} for an answer. Shorten the messages."
+        )
+        self.prompt_tokens = prompt_tokens
+
+
+@dataclass
+class ReasoningDelta:
+    text: str
+
+
+@dataclass
+class ContentDelta:
+    text: str
+
+
+@dataclass
+class RoundDone:
+    record: RoundRecord
+    verdict: Verdict
+
+
+@dataclass
+class Outcome:
+    plan: RoundPlan
+    rounds: list[RoundRecord]
+    exit_reason: Reason
+    content: str
+    reasoning_content: str
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.rounds)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.rounds)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.rounds[:-1])
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(r.cached_tokens for r in self.rounds)
+
+
+@dataclass
+class Finished:
+    outcome: Outcome
+
+
+Event = ReasoningDelta | ContentDelta | RoundDone | Finished
+
+
+def round_header(index: int) -> str:
+    return f"[round {index}: {'draft' if index == 0 else 'verify'}]\n"
+
+
+def reasoning_text(records: Sequence[RoundRecord]) -> str:
+    return "".join(f"{round_header(r.index)}{r.text}\n\n" for r in records)
+
+
+@dataclass
+class _Round:
+    """A round in flight: accumulates the engine's deltas."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_ms: float = 0.0
+
+    def add(self, d: GenerateDelta, elapsed_ms: float) -> None:
+        if not self.token_ids and d.token_ids:
+            self.ttft_ms = elapsed_ms
+        self.text.append(d.text)
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs)
+        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = d.cached_tokens or self.cached_tokens
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        generate: GenerateFn,
+        decide: DecideFn,
+        tokenizer: Tokenizer,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        min_round_tokens: int = 16,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._generate = generate
+        self._decide = decide
+        self._tok = tokenizer
+        self._vocab = vocab_size
+        self._max_len = max_model_len
+        self._min_tokens = min_round_tokens
+        self._clock = clock
+
+    def first_prompt(self, conversation: Sequence[Message]) -> list[int]:
+        """Round 0's prompt; raises ContextLengthError when it leaves no room for an answer."""
+        ids = self._tok.render(round_messages(conversation, []))
+        if len(ids) + self._min_tokens > self._max_len:
+            raise ContextLengthError(len(ids), self._max_len, self._min_tokens)
+        return ids
+
+    async def run(
+        self,
+        request_id: str,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        sampling: SamplingSpec,
+    ) -> AsyncIterator[Event]:
+        loop = RoundLoop(plan)
+        prompt = self.first_prompt(conversation)
+        while True:
+            index = loop.next_index
+            role = round_role(plan, index)
+            spec = dataclasses.replace(
+                sampling, max_tokens=min(sampling.max_tokens, self._max_len - len(prompt))
+            )
+            if role is StreamRole.REASONING:
+                yield ReasoningDelta(round_header(index))
+            acc = _Round()
+            start = self._clock()
+            async for delta in self._generate(f"{request_id}-r{index}", prompt, spec):
+                acc.add(delta, (self._clock() - start) * 1000.0)
+                if delta.text and role is not StreamRole.UNDECIDED:
+                    yield (ContentDelta if role is StreamRole.FINAL else ReasoningDelta)(delta.text)
+            record = self._record(index, acc, prompt, (self._clock() - start) * 1000.0)
+            verdict = loop.settle(record, await self._decide(plan, index + 1, record.confidence))
+            if not verdict.exit:
+                prompt = self._tok.render(
+                    round_messages(conversation, [r.text for r in loop.rounds])
+                )
+                if len(prompt) + self._min_tokens > self._max_len:
+                    loop.stop(Reason.CONTEXT)
+            for event in _settled_text(role, record, loop.done):
+                yield event
+            yield RoundDone(record, verdict)
+            if loop.done:
+                break
+        assert loop.exit_reason is not None
+        yield Finished(
+            Outcome(
+                plan, loop.rounds, loop.exit_reason, loop.final.text, reasoning_text(loop.earlier)
+            )
+        )
+
+    def _record(self, index: int, acc: _Round, prompt: list[int], latency_ms: float) -> RoundRecord:
+        text = "".join(acc.text)
+        confidence = round_confidence(
+            text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode
+        )
+        return RoundRecord(
+            index=index,
+            text=text,
+            prompt_tokens=acc.prompt_tokens or len(prompt),
+            completion_tokens=len(acc.token_ids),
+            cached_tokens=acc.cached_tokens,
+            confidence=confidence,
+            latency_ms=latency_ms,
+            ttft_ms=acc.ttft_ms,
+        )
+
+
+def _settled_text(role: StreamRole, record: RoundRecord, last: bool) -> list[Event]:
+    """What to emit once a round's verdict is known, given what was already streamed."""
+    if role is StreamRole.UNDECIDED:
+        if last:
+            return [ContentDelta(record.text)]
+        return [ReasoningDelta(round_header(record.index) + record.text + "\n\n")]
+    if role is StreamRole.REASONING:
+        # Streamed as reasoning; only a context stop makes such a round the last one.
+        return [ReasoningDelta("\n\n")] + ([ContentDelta(record.text)] if last else [])
+    return []

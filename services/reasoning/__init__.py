@@ -1,0 +1,1 @@
+"""Pure reasoning cores: no ray, vllm or torch imports. Unit-tested without an engine."""

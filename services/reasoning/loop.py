@@ -1,0 +1,103 @@
+"""The round loop's state machine (pure): what each round is for, and when the loop ends.
+
+The depth-control actor is the authority on continue/exit, but the loop re-checks every verdict
+against its own plan: the ceiling and the min-round guard hold even when the actor is wrong or gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict, decide
+
+
+class StreamRole(StrEnum):
+    """How a round's text can be streamed before the round ends."""
+
+    REASONING = "reasoning"  # cannot be the last round: stream as reasoning_content
+    FINAL = "final"  # must be the last round (the ceiling): stream as content
+    UNDECIDED = "undecided"  # may end the loop on confidence: hold until the verdict
+
+
+def round_role(plan: RoundPlan, index: int) -> StreamRole:
+    done_after = index + 1
+    if done_after >= plan.max_rounds:
+        return StreamRole.FINAL
+    if done_after < plan.min_rounds or plan.confidence_threshold is None:
+        return StreamRole.REASONING
+    return StreamRole.UNDECIDED
+
+
+@dataclass
+class RoundRecord:
+    index: int
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    confidence: float | None
+    latency_ms: float
+    ttft_ms: float
+    decision: str = ""
+    decided_by: str = ""
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "index": self.index,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "kv_cached_tokens": self.cached_tokens,
+            "confidence": None if self.confidence is None else round(self.confidence, 4),
+            "latency_ms": round(self.latency_ms, 2),
+            "ttft_ms": round(self.ttft_ms, 2),
+            "decision": self.decision,
+            "decided_by": self.decided_by,
+        }
+
+
+@dataclass
+class RoundLoop:
+    plan: RoundPlan
+    rounds: list[RoundRecord] = field(default_factory=list)
+    exit_reason: Reason | None = None
+
+    @property
+    def next_index(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def done(self) -> bool:
+        return self.exit_reason is not None
+
+    def settle(self, record: RoundRecord, remote: Verdict | None) -> Verdict:
+        """Record a finished round and settle its verdict: the remote one, within local guards."""
+        if self.done:
+            raise RuntimeError("the loop has already ended")
+        self.rounds.append(record)
+        local = decide(self.plan, len(self.rounds), record.confidence)
+        guarded = local.reason in (Reason.CEILING, Reason.MIN_ROUNDS)
+        verdict = local if remote is None or guarded else remote
+        record.decision = verdict.reason.value
+        record.decided_by = (
+            "local" if remote is None or (guarded and remote != local) else "depth_control"
+        )
+        if verdict.action is Action.EXIT:
+            self.exit_reason = verdict.reason
+        return verdict
+
+    def stop(self, reason: Reason) -> None:
+        """End the loop without another round (e.g. the next prompt would not fit the context)."""
+        if not self.rounds:
+            raise RuntimeError("cannot stop before the first round")
+        self.exit_reason = reason
+        self.rounds[-1].decision = reason.value
+        self.rounds[-1].decided_by = "local"
+
+    @property
+    def final(self) -> RoundRecord:
+        return self.rounds[-1]
+
+    @property
+    def earlier(self) -> list[RoundRecord]:
+        return self.rounds[:-1]

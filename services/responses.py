@@ -1,0 +1,119 @@
+"""Turns orchestrator events into OpenAI ChatCompletion JSON or SSE chunks (pure)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from services.orchestrator import ContentDelta, Event, Finished, Outcome, ReasoningDelta
+
+
+@dataclass(frozen=True)
+class Meta:
+    id: str
+    model: str
+    created: int
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(o: Outcome) -> dict:
+    return {
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": o.completion_tokens,
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": o.reasoning_tokens},
+    }
+
+
+def reasoning_summary(o: Outcome) -> dict:
+    return {
+        "tier": o.plan.tier,
+        "strategy": "cot",
+        "exit_reason": o.exit_reason.value,
+        "min_rounds": o.plan.min_rounds,
+        "max_rounds": o.plan.max_rounds,
+        "confidence_threshold": o.plan.confidence_threshold,
+        "rounds": [r.summary() for r in o.rounds],
+    }
+
+
+async def complete(events: AsyncIterator[Event], meta: Meta) -> dict:
+    outcome: Outcome | None = None
+    async for ev in events:
+        if isinstance(ev, Finished):
+            outcome = ev.outcome
+    assert outcome is not None
+    return {
+        "id": meta.id,
+        "object": "chat.completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": outcome.content,
+                    "reasoning_content": outcome.reasoning_content,
+                },
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(outcome),
+        "reasoning": reasoning_summary(outcome),
+    }
+
+
+def _chunk(meta: Meta, delta: dict, finish: str | None = None, **extra: object) -> str:
+    body = {
+        "id": meta.id,
+        "object": "chat.completion.chunk",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        **extra,
+    }
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def sse(events: AsyncIterator[Event], meta: Meta, include_usage: bool) -> AsyncIterator[str]:
+    """Earlier rounds as `reasoning_content` deltas, the final answer as `content` deltas, then a
+    finish chunk carrying the `reasoning` summary (and a usage chunk when asked for)."""
+    yield _chunk(meta, {"role": "assistant", "content": ""})
+    try:
+        async for ev in events:
+            if isinstance(ev, ReasoningDelta) and ev.text:
+                yield _chunk(meta, {"reasoning_content": ev.text})
+            elif isinstance(ev, ContentDelta) and ev.text:
+                yield _chunk(meta, {"content": ev.text})
+            elif isinstance(ev, Finished):
+                o = ev.outcome
+                yield _chunk(meta, {}, "stop", reasoning=reasoning_summary(o))
+                if include_usage:
+                    body = {
+                        "id": meta.id,
+                        "object": "chat.completion.chunk",
+                        "created": meta.created,
+                        "model": meta.model,
+                        "choices": [],
+                        "usage": usage(o),
+                    }
+                    yield f"data: {json.dumps(body)}\n\n"
+    except Exception as exc:  # headers are sent: report in-band, OpenAI-shaped, then end the stream
+        err = {
+            "error": {
+                "message": f"generation failed: {type(exc).__name__}",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        yield f"data: {json.dumps(err)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,28 @@
+"""The model's own tokenizer and chat template, so token counts and context checks are exact."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.reasoning.prompts import Message
+
+
+class HfTokenizer:
+    """Renders chat messages to the exact prompt token ids the engine will see."""
+
+    def __init__(self, model_path: str) -> None:
+        from transformers import AutoTokenizer  # heavy: only where a tokenizer is needed
+
+        self._tok = AutoTokenizer.from_pretrained(model_path)
+        if not getattr(self._tok, "chat_template", None):
+            raise ValueError(f"the tokenizer in {model_path} has no chat template")
+
+    def render(self, messages: Sequence[Message]) -> list[int]:
+        text = self._tok.apply_chat_template(
+            [m.as_dict() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        # The template already holds the special tokens; adding more would shift every count.
+        return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=True)

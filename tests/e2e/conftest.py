@@ -1,0 +1,26 @@
+"""One local Ray cluster serving SmolLM2 over HTTP for the whole e2e session."""
+
+import pytest
+
+from cluster.local import free_port, running
+from cluster.models import DEFAULT_MODEL, ensure_model
+from services.config import DEFAULT_CONFIG, AppConfig
+
+
+@pytest.fixture(scope="session")
+def app_config() -> AppConfig:
+    cfg = AppConfig.load(DEFAULT_CONFIG)
+    cfg.engine.model = DEFAULT_MODEL
+    cfg.engine.model_path = str(ensure_model(DEFAULT_MODEL))
+    cfg.engine.max_model_len = 2048
+    cfg.engine.kv_cache_memory_bytes = 128 << 20
+    cfg.ray.dashboard = False
+    cfg.ray.num_cpus = 4  # logical CPUs for scheduling; the replicas mostly wait on the engine
+    cfg.http.port = free_port()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def base_url(app_config):
+    with running(app_config, progress=lambda m: print(m, flush=True)) as url:
+        yield url

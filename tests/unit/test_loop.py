@@ -1,0 +1,163 @@
+"""The round loop and the orchestrator, with a scripted fake engine (pure logic only; the real
+engine runs the same code in tests/engine and tests/e2e)."""
+
+import asyncio
+import math
+
+import pytest
+
+from services.engine import GenerateDelta, SamplingSpec
+from services.orchestrator import (
+    ContentDelta,
+    ContextLengthError,
+    Finished,
+    Orchestrator,
+    ReasoningDelta,
+    RoundDone,
+)
+from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
+from services.reasoning.prompts import Message
+from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+
+SURE = ((1, 0.0),)
+UNSURE = tuple((i, math.log(0.25)) for i in range(4))  # confidence 1 - ln4/ln100 = 0.70
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word of the rendered transcript."""
+
+    def render(self, messages):
+        return [len(w) for m in messages for w in f"{m.role}: {m.content}".split()]
+
+    def decode(self, ids):
+        return " ".join("w" * i for i in ids)
+
+
+class FakeEngine:
+    def __init__(self, top=SURE, words=3):
+        self.top, self.words, self.calls = top, words, []
+
+    async def generate(self, rid, prompt, spec):
+        self.calls.append((rid, len(prompt), spec.max_tokens))
+        n = min(self.words, spec.max_tokens)
+        for i in range(n):
+            yield GenerateDelta(
+                f"w{i} ",
+                [3],
+                [self.top],
+                finished=i == n - 1,
+                finish_reason="stop" if i == n - 1 else None,
+                prompt_tokens=len(prompt),
+            )
+
+
+def remote(action=None):
+    async def decide(plan, rounds_done, conf):
+        return (
+            None
+            if action is None
+            else Verdict(
+                action, Reason.CONFIDENCE if action is Action.EXIT else Reason.BELOW_THRESHOLD
+            )
+        )
+
+    return decide
+
+
+def run(orch, plan, conversation=None):
+    conv = conversation or [Message("user", "what is 2 + 2")]
+
+    async def go():
+        return [e async for e in orch.run("r", conv, plan, SamplingSpec(max_tokens=8))]
+
+    return asyncio.run(go())
+
+
+def orch(engine, decide, max_len=4096):
+    return Orchestrator(
+        engine.generate,
+        decide,
+        WordTokenizer(),
+        vocab_size=100,
+        max_model_len=max_len,
+        min_round_tokens=4,
+    )
+
+
+def test_round_roles_for_medium():
+    plan = RoundPlan("medium", 3, 4, 0.82)
+    assert [round_role(plan, i) for i in range(4)] == [
+        StreamRole.REASONING,
+        StreamRole.REASONING,
+        StreamRole.UNDECIDED,
+        StreamRole.FINAL,
+    ]
+    assert round_role(RoundPlan("x", 1, 3, None), 1) is StreamRole.REASONING
+
+
+def test_min_rounds_hold_even_if_depth_control_says_exit():
+    events = run(orch(FakeEngine(SURE), remote(Action.EXIT)), RoundPlan("medium", 3, 4, 0.82))
+    outcome = events[-1].outcome
+    assert len(outcome.rounds) == 3
+    assert outcome.exit_reason is Reason.CONFIDENCE
+    assert [r.decided_by for r in outcome.rounds] == ["local", "local", "depth_control"]
+
+
+def test_ceiling_holds_even_if_depth_control_says_continue():
+    events = run(orch(FakeEngine(UNSURE), remote(Action.CONTINUE)), RoundPlan("high", 1, 5, 0.9))
+    outcome = events[-1].outcome
+    assert len(outcome.rounds) == 5 and outcome.exit_reason is Reason.CEILING
+
+
+def test_unreachable_depth_control_decides_locally():
+    events = run(orch(FakeEngine(SURE), remote(None)), RoundPlan("low", 1, 2, 0.82))
+    outcome = events[-1].outcome
+    assert len(outcome.rounds) == 1 and outcome.exit_reason is Reason.CONFIDENCE
+    assert outcome.rounds[0].decided_by == "local"
+
+
+def test_stream_events_match_the_final_outcome():
+    events = run(orch(FakeEngine(UNSURE), remote(None)), RoundPlan("medium", 3, 4, 0.82))
+    kinds = [type(e) for e in events if not isinstance(e, RoundDone)]
+    first_content = kinds.index(ContentDelta)
+    assert ReasoningDelta not in kinds[first_content:]  # all reasoning precedes all content
+    outcome = events[-1].outcome
+    assert (
+        "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+        == outcome.reasoning_content
+    )
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == outcome.content
+    assert outcome.reasoning_tokens == 9 and outcome.completion_tokens == 12
+    assert isinstance(events[-1], Finished)
+
+
+def test_each_round_extends_the_previous_prompt():
+    engine = FakeEngine(UNSURE)
+    run(orch(engine, remote(None)), RoundPlan("medium", 3, 4, 0.82))
+    lengths = [n for _, n, _ in engine.calls]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4
+
+
+def test_context_limit_stops_the_loop_cleanly():
+    engine = FakeEngine(UNSURE, words=8)
+    o = orch(engine, remote(None), max_len=40)
+    events = run(o, RoundPlan("high", 1, 6, 0.99))
+    outcome = events[-1].outcome
+    assert outcome.exit_reason is Reason.CONTEXT
+    assert 1 <= len(outcome.rounds) < 6
+    assert all(n + m <= 40 for _, n, m in engine.calls)
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == outcome.content
+
+
+def test_first_prompt_too_long_is_refused():
+    o = orch(FakeEngine(), remote(None), max_len=10)
+    with pytest.raises(ContextLengthError, match="maximum context length is 10"):
+        run(o, RoundPlan("low", 1, 2, 0.8), [Message("user", "word " * 50)])
+
+
+def test_loop_rejects_rounds_after_the_end():
+    loop = RoundLoop(RoundPlan("low", 1, 1, None))
+    rec = RoundRecord(0, "x", 1, 1, 0, 1.0, 1.0, 1.0)
+    assert loop.settle(rec, None).reason is Reason.CEILING
+    with pytest.raises(RuntimeError):
+        loop.settle(rec, None)

@@ -1,0 +1,87 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from services.reasoning.tiers import (
+    Action,
+    PlanError,
+    Reason,
+    RoundPlan,
+    TierTable,
+    decide,
+    make_plan,
+)
+
+TIERS = Path(__file__).resolve().parents[2] / "configs" / "tiers.yaml"
+
+
+@pytest.fixture(scope="module")
+def table() -> TierTable:
+    return TierTable.load(TIERS)
+
+
+def test_shipped_table_matches_the_source_document(table):
+    t = table.tiers
+    assert (t["low"].min_rounds, t["low"].max_rounds) == (1, 2)
+    assert (t["medium"].min_rounds, t["medium"].max_rounds) == (3, 4)
+    assert t["medium"].confidence_threshold == 0.82
+    assert (t["high"].min_rounds, t["high"].max_rounds) == (4, 6)
+    assert (t["critical"].min_rounds, t["critical"].max_rounds) == (5, 6)
+
+
+def test_table_rejects_unknown_or_missing_tiers(tmp_path):
+    raw = yaml.safe_load(TIERS.read_text())
+    raw["tiers"]["extreme"] = raw["tiers"]["high"]
+    with pytest.raises(ValidationError, match="unknown"):
+        TierTable.model_validate(raw)
+    raw = yaml.safe_load(TIERS.read_text())
+    raw["tiers"]["low"]["min_rounds"] = 3
+    with pytest.raises(ValidationError, match="min_rounds 3 > max_rounds 2"):
+        TierTable.model_validate(raw)
+
+
+def test_plan_defaults_and_overrides(table):
+    assert make_plan(table) == RoundPlan("medium", 3, 4, 0.82)
+    assert make_plan(table, "low") == RoundPlan("low", 1, 2, 0.82)
+    assert make_plan(table, "high", max_rounds=2) == RoundPlan("high", 2, 2, 0.82)
+    assert make_plan(table, "medium", min_rounds=1, confidence_threshold=0.5) == RoundPlan(
+        "medium", 1, 4, 0.5
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"tier": "extreme"}, "reasoning.tier"),
+        ({"tier": "low", "max_rounds": 3}, "reasoning.max_rounds"),
+        ({"tier": "medium", "max_rounds": 0}, "reasoning.max_rounds"),
+        ({"tier": "medium", "min_rounds": 5}, "reasoning.min_rounds"),
+        ({"tier": "medium", "max_rounds": 2, "min_rounds": 3}, "reasoning.min_rounds"),
+    ],
+)
+def test_plan_errors_name_the_field(table, kwargs, param):
+    tier = kwargs.pop("tier")
+    with pytest.raises(PlanError) as err:
+        make_plan(table, tier, **kwargs)
+    assert err.value.param == param
+
+
+def test_decide_order_of_guards():
+    plan = RoundPlan("medium", 3, 4, 0.82)
+    assert decide(plan, 1, 1.0).reason is Reason.MIN_ROUNDS  # min_rounds beats confidence
+    assert decide(plan, 2, 1.0).action is Action.CONTINUE
+    assert decide(plan, 3, 0.9).reason is Reason.CONFIDENCE
+    assert decide(plan, 3, 0.5).reason is Reason.BELOW_THRESHOLD
+    assert decide(plan, 3, None).action is Action.CONTINUE
+    assert decide(plan, 4, 0.0).reason is Reason.CEILING  # ceiling beats low confidence
+
+
+def test_no_threshold_runs_to_the_ceiling():
+    plan = RoundPlan("x", 1, 3, None)
+    assert [decide(plan, n, 1.0).action for n in (1, 2, 3)] == [
+        Action.CONTINUE,
+        Action.CONTINUE,
+        Action.EXIT,
+    ]
