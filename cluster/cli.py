@@ -39,16 +39,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.http.port = args.port
     if not cfg.engine.model_path:
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop, ready = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if not ready.is_set():  # still starting: abort the start-up, then clean up below
+            raise KeyboardInterrupt
+
+    def trap_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    trap_signals()
     print(f"starting a local Ray cluster for {cfg.engine.model} ...", flush=True)
     try:
         local.start_ray(cfg)
+        trap_signals()  # ray.init installs its own SIGTERM handler, which aborts the process
         local.deploy(cfg, progress=lambda m: print(m, flush=True))
+        ready.set()
         print(ready_message(cfg), flush=True)
         stop.wait()
         print("shutting down (Serve, then Ray) ...", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted during start-up; cleaning up ...", flush=True)
     finally:
         local.shutdown()
     print("stopped.")

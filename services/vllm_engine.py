@@ -55,8 +55,8 @@ def executor_backend(config: EngineConfig) -> str | None:
     return None if config.worker_process else _UNIPROC_EXECUTOR
 
 
-def cpu_thread_env(config: EngineConfig, cpus: Sequence[int]) -> dict[str, str | None]:
-    """Environment for the CPU worker's OpenMP threads (None = unset the variable).
+def cpu_thread_env(config: EngineConfig, cpus: Sequence[int]) -> dict[str, str]:
+    """Environment for the CPU worker's OpenMP threads; {} leaves the defaults.
 
     Separate worker process (vLLM's default): vLLM pins the worker's threads itself, from
     `VLLM_CPU_OMP_THREADS_BIND`. Its "auto" takes every core of NUMA node 0 but one, reserved for
@@ -82,14 +82,9 @@ def prepare_environment(config: EngineConfig) -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-        log.warning(
-            "ignoring VLLM_CPU_KVCACHE_SPACE: engine.kv_cache_memory_bytes sets the KV cache"
-        )
+        log.warning("ignoring VLLM_CPU_KVCACHE_SPACE: engine.kv_cache_memory_bytes sets the KV cache")
     for key, value in cpu_thread_env(config, allowed_cpus()).items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+        os.environ[key] = value
         log.info("engine env: %s=%s", key, value)
 
 
@@ -205,23 +200,28 @@ class VllmEngine(Engine):
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
     ) -> AsyncIterator[GenerateDelta]:
+        """Raises ValueError for a request vLLM rejects (prompt too long, bad sampling values)."""
+        from vllm.exceptions import VLLMClientError
+
         llm = self._require()
-        stream = llm.generate(
-            self._engine_input(prompt_token_ids), sampling_params(spec), request_id
-        )
         finished = False
         try:
-            async for out in stream:
-                delta = to_delta(out, len(prompt_token_ids))
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                # Consumer stopped early (break, aclose, cancellation) or the engine failed.
-                # Closing vLLM's generator aborts the request there; the explicit abort is a
-                # no-op for a request vLLM already dropped and keeps the guarantee local.
-                await stream.aclose()
-                await self._abort_quietly(request_id)
+            stream = llm.generate(self._engine_input(prompt_token_ids), sampling_params(spec), request_id)
+            try:
+                async for out in stream:
+                    delta = to_delta(out, len(prompt_token_ids))
+                    finished = delta.finished
+                    yield delta
+            finally:
+                if not finished:
+                    # Consumer stopped early (break, aclose, cancellation) or the engine failed.
+                    # Closing vLLM's generator aborts the request there; the explicit abort is
+                    # a no-op for a request vLLM already dropped and keeps the guarantee local.
+                    await stream.aclose()
+                    await self._abort_quietly(request_id)
+        except VLLMClientError as e:
+            # Callers (and processes without vLLM installed) see a plain exception type.
+            raise ValueError(f"request {request_id} rejected: {e}") from e
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

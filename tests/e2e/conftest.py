@@ -1,4 +1,4 @@
-"""One local Ray cluster serving SmolLM2 over HTTP for the whole e2e session."""
+"""A local Ray cluster serving SmolLM2 over HTTP, one per test module that asks for it."""
 
 import pytest
 
@@ -20,7 +20,7 @@ def app_config() -> AppConfig:
     return cfg
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # torn down with its module: other modules start their own
 def base_url(app_config):
     with running(app_config, progress=lambda m: print(m, flush=True)) as url:
         yield url

@@ -185,6 +185,7 @@ def _check_logprobs(result: GenerateResult, k: int, *, greedy: bool) -> None:
         values = [lp for _, lp in alternatives]
         assert len(alternatives) >= k
         assert values == sorted(values, reverse=True)
+        assert all(type(t) is int and type(lp) is float for t, lp in alternatives)
         chosen = dict(alternatives)
         assert token in chosen and chosen[token] <= 0.0
         if greedy:  # the sampled token is the argmax (ties: equal logprob)
@@ -206,9 +207,7 @@ def test_stream_concatenates_to_the_whole(
     assert {d.prompt_tokens for d in deltas} == {len(prompt)}
 
 
-def test_max_tokens_ends_with_length(
-    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
-) -> None:
+def test_max_tokens_ends_with_length(engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]) -> None:
     spec = SamplingSpec(max_tokens=7, ignore_eos=True, top_logprobs=1)
     result = _run(loop, engine.generate(_rid(), prompt, spec))
     assert len(result.token_ids) == 7
@@ -216,9 +215,7 @@ def test_max_tokens_ends_with_length(
     _check_logprobs(result, 1, greedy=True)
 
 
-def test_stop_string_ends_with_stop(
-    engine: VllmEngine, loop: asyncio.Runner, tokenizer: Any
-) -> None:
+def test_stop_string_ends_with_stop(engine: VllmEngine, loop: asyncio.Runner, tokenizer: Any) -> None:
     prompt = _chat(tokenizer, "Count from 1 to 20, separated by commas.")
     free = _run(loop, engine.generate(_rid(), prompt, SamplingSpec(max_tokens=40)))
     assert "5" in free.text, free.text
@@ -227,14 +224,10 @@ def test_stop_string_ends_with_stop(
     assert "5" not in stopped.text and free.text.startswith(stopped.text)
 
 
-def test_prefix_cache_reports_cached_tokens(
-    engine: VllmEngine, loop: asyncio.Runner, tokenizer: Any
-) -> None:
+def test_prefix_cache_reports_cached_tokens(engine: VllmEngine, loop: asyncio.Runner, tokenizer: Any) -> None:
     block = engine.block_size
     # A prefix nobody sent before (the nonce), longer than two blocks.
-    filler = f"Session {uuid.uuid4().hex}. " + " ".join(
-        f"Fact {i}: item {i} is red." for i in range(200)
-    )
+    filler = f"Session {uuid.uuid4().hex}. " + " ".join(f"Fact {i}: item {i} is red." for i in range(200))
     shared = tokenizer.encode(filler, add_special_tokens=False)[: 2 * block + block // 2]
     first = shared + tokenizer.encode(" Question one?", add_special_tokens=False)
     second = shared + tokenizer.encode(" Another question?", add_special_tokens=False)
@@ -247,9 +240,7 @@ def test_prefix_cache_reports_cached_tokens(
     assert b.prompt_tokens == len(second)
 
 
-def test_abandoned_stream_is_aborted(
-    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
-) -> None:
+def test_abandoned_stream_is_aborted(engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]) -> None:
     spec = SamplingSpec(max_tokens=400, ignore_eos=True)
 
     async def take_two_then_break() -> list[GenerateDelta]:
@@ -290,9 +281,7 @@ def test_cancelled_consumer_aborts_request(
     assert _run(loop, cancel_midway()) == 0
 
 
-def test_explicit_abort_finishes_stream(
-    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
-) -> None:
+def test_explicit_abort_finishes_stream(engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]) -> None:
     async def abort_midway() -> list[GenerateDelta]:
         rid, seen = _rid(), []
         async for delta in engine.generate_stream(rid, prompt, SamplingSpec(max_tokens=400)):
@@ -307,9 +296,7 @@ def test_explicit_abort_finishes_stream(
     assert _run(loop, _until_idle(engine)) == 0
 
 
-def test_seeded_sampling_is_reproducible(
-    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
-) -> None:
+def test_seeded_sampling_is_reproducible(engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]) -> None:
     def sample(seed: int) -> list[int]:
         spec = SamplingSpec(max_tokens=32, temperature=1.0, seed=seed, ignore_eos=True)
         return _run(loop, engine.generate(_rid(), prompt, spec)).token_ids
@@ -319,9 +306,7 @@ def test_seeded_sampling_is_reproducible(
     assert sample(4321) != first
 
 
-def test_concurrent_requests_all_finish(
-    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
-) -> None:
+def test_concurrent_requests_all_finish(engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]) -> None:
     async def batch() -> list[GenerateResult]:
         specs = [SamplingSpec(max_tokens=n, ignore_eos=True) for n in (3, 9, 17)]
         return await asyncio.gather(*(engine.generate(_rid(), prompt, s) for s in specs))
@@ -331,11 +316,16 @@ def test_concurrent_requests_all_finish(
     assert _run(loop, _until_idle(engine)) == 0
 
 
-def test_prompt_longer_than_context_is_rejected(
+def test_rejected_requests_raise_value_error(
     engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
 ) -> None:
     too_long = prompt * (2048 // len(prompt) + 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="maximum context length"):
         _run(loop, engine.generate(_rid(), too_long, SamplingSpec(max_tokens=4)))
+    with pytest.raises(ValueError):  # more than max_logprobs
+        _run(loop, engine.generate(_rid(), prompt, SamplingSpec(max_tokens=2, top_logprobs=21)))
+    with pytest.raises(ValueError):  # vLLM would read -1 as "the whole vocabulary"
+        _run(loop, engine.generate(_rid(), prompt, SamplingSpec(max_tokens=2, top_logprobs=-1)))
     ok = _run(loop, engine.generate(_rid(), prompt, SamplingSpec(max_tokens=2)))
     assert len(ok.token_ids) == 2
+    assert _run(loop, _until_idle(engine)) == 0

@@ -1,0 +1,71 @@
+"""`ponder serve` as a user runs it: starts, answers, and on SIGTERM stops everything, Ray included."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from cluster.local import free_port
+from cluster.models import TINY_MODEL, ensure_model
+from services.config import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["engine"].update(model=TINY_MODEL, kv_cache_memory_bytes=64 << 20, max_model_len=1024)
+    raw["depth_control"]["tiers_file"] = str(DEFAULT_CONFIG.parent / "tiers.yaml")
+    raw["ray"]["dashboard"] = False
+    raw["http"]["port"] = port
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _wait_ready(proc: subprocess.Popen, deadline: float) -> list[str]:
+    lines = []
+    for line in proc.stdout:  # ends when the process exits
+        lines.append(line)
+        if "Ponder is serving" in line:
+            return lines
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError("ponder serve did not become ready:\n" + "".join(lines))
+
+
+def test_serve_answers_then_sigterm_stops_ray(tmp_path):
+    ensure_model(TINY_MODEL)
+    port = free_port()
+    ponder = Path(sys.executable).with_name("ponder")
+    proc = subprocess.Popen(
+        [str(ponder), "serve", "--config", str(_config(tmp_path, port))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+    )
+    try:
+        lines = _wait_ready(proc, time.monotonic() + 300)
+        assert any(f"http://127.0.0.1:{port}/v1" in ln for ln in lines)
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert any("raylet" in " ".join(p.cmdline()) for p in descendants if p.is_running())
+        body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 4, "temperature": 0, "reasoning": {"tier": "low", "max_rounds": 2}}
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        assert 1 <= len(resp.json()["reasoning"]["rounds"]) <= 2
+
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, rest
+        assert "stopped." in rest
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, [p.cmdline()[:2] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
