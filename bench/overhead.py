@@ -4,8 +4,9 @@ worker deployment's handle directly with the same kind of rounds.
 Both paths run on one local cluster in one run, interleaved request by request:
 - direct: the driver renders each round's prompt with the same tokenizer and prompt builder and calls
   `ReasoningWorker.generate_stream` through a Serve handle (the call the router makes), R rounds;
-- routed: the OpenAI HTTP API with `min_rounds = max_rounds = R`, so the router runs R rounds and asks
-  depth control after each.
+- routed: the OpenAI HTTP API with `min_rounds = 1, max_rounds = R` and a confidence threshold of 1.0
+  that no round reaches, so the router runs R rounds and waits for depth control's verdict after
+  each of the first R - 1 (the last is the ceiling, which the router's own guard decides).
 Every round generates exactly `max_tokens` tokens (`ignore_eos`), and each request asks a question of
 its own (no prefix-cache sharing between the two paths). Per request, the per-round time is the
 request's wall time / R; the added time is routed minus direct at the same percentile.
@@ -93,15 +94,17 @@ async def routed_request(
         "temperature": 0.0,
         "max_tokens": max_tokens,
         "ignore_eos": True,
-        "reasoning": {"tier": "critical", "min_rounds": rounds, "max_rounds": rounds},
+        # min_rounds 1 and a threshold never reached: depth control decides rounds 1..R-1
+        "reasoning": {"tier": "critical", "min_rounds": 1, "max_rounds": rounds, "confidence_threshold": 1.0},
     }
     start = time.perf_counter()
     resp = await client.post("/v1/chat/completions", json=body)
     elapsed = (time.perf_counter() - start) * 1000.0
     resp.raise_for_status()
     data = resp.json()
-    if len(data["reasoning"]["rounds"]) != rounds:
-        raise RuntimeError(f"expected {rounds} rounds, got {len(data['reasoning']['rounds'])}")
+    got = [r["decided_by"] for r in data["reasoning"]["rounds"]]
+    if got != ["depth_control"] * (rounds - 1) + ["local"]:
+        raise RuntimeError(f"expected {rounds - 1} rounds decided by depth control, then the ceiling: {got}")
     return elapsed, data
 
 
@@ -127,7 +130,7 @@ async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
                 direct.append(d / args.rounds)
                 routed.append(r / args.rounds)
                 router_rounds.extend(x["latency_ms"] for x in data["reasoning"]["rounds"])
-            if (i + 1) % 10 == 0:
+            if i >= 0 and (i + 1) % 10 == 0:
                 print(f"  {i + 1}/{args.requests} request pairs", flush=True)
     return summarize(direct, routed, router_rounds, args)
 

@@ -47,12 +47,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(
         16, ge=1, le=1024, description="Most sequences the scheduler runs in one batch."
     )
-    max_logprobs: int = Field(
-        20, ge=1, le=20, description="Largest top-k logprobs a request may ask for."
-    )
-    seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="Engine seed (requests may set their own)."
-    )
+    max_logprobs: int = Field(20, ge=1, le=20, description="Largest top-k logprobs a request may ask for.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Engine seed (requests may set their own).")
     block_size: int | None = Field(
         None,
         ge=1,
@@ -64,16 +60,17 @@ class EngineConfig(BaseModel):
         ge=1,
         le=4096,
         description=(
-            "OpenMP threads of the CPU engine's model worker; None = the default: OMP_NUM_THREADS "
-            "(Ray sets it to the replica's num_cpus) for an in-process worker, vLLM's own "
-            "binding (every core of NUMA node 0 but one) for a worker process."
+            "OpenMP threads of the CPU model worker. None: in-process worker -> OMP_NUM_THREADS if "
+            "set (Ray sets it to the replica's num_cpus), else every CPU; worker process -> vLLM's "
+            "auto binding (NUMA node 0's cores but one: 1 on a 2-core box). N: in-process -> "
+            "OMP_NUM_THREADS=N, unpinned; worker process -> pinned to the first N allowed CPUs."
         ),
     )
     worker_process: bool = Field(
         False,
         description=(
-            "Run the model worker in its own process (vLLM's default) rather than inside the "
-            "engine-core process. False starts ~10 s faster on CPU (one process fewer importing "
-            "vLLM); True is needed for tensor/pipeline parallelism."
+            "Run the model worker in a process of its own (vLLM's CPU default) instead of inside "
+            "the engine-core process (vLLM's default for one GPU). False starts ~10 s sooner on "
+            "CPU: one process fewer importing vLLM."
         ),
     )

@@ -8,6 +8,7 @@ that may end the loop on confidence is held until its verdict, so streamed `reas
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -138,6 +139,7 @@ class Orchestrator:
         self._max_len = max_model_len
         self._min_tokens = min_round_tokens
         self._clock = clock
+        self._pending: set[asyncio.Future] = set()  # depth-control calls nobody waits for
 
     def first_prompt(self, conversation: Sequence[Message]) -> list[int]:
         """Round 0's prompt; raises ContextLengthError when it leaves no room for an answer."""
@@ -170,11 +172,22 @@ class Orchestrator:
                 if delta.text and role is not StreamRole.UNDECIDED:
                     yield (ContentDelta if role is StreamRole.FINAL else ReasoningDelta)(delta.text)
             record = self._record(index, acc, prompt, (self._clock() - start) * 1000.0)
-            verdict = loop.settle(record, await self._decide(plan, index + 1, record.confidence))
+            history = [*(r.text for r in loop.rounds), record.text]
+            asked = asyncio.ensure_future(self._decide(plan, index + 1, record.confidence))
+            next_prompt: list[int] | None = None
+            if loop.guarded(record.confidence):
+                # The local guard fixes this round's outcome (min_rounds or ceiling): depth control
+                # is told, but nothing waits for an answer that cannot change it.
+                self._pending.add(asked)
+                asked.add_done_callback(self._pending.discard)
+                remote = None
+            else:
+                # Render the next prompt while the actor answers: the two overlap.
+                next_prompt = self._tok.render(round_messages(conversation, history))
+                remote = await asked
+            verdict = loop.settle(record, remote)
             if not verdict.exit:
-                prompt = self._tok.render(
-                    round_messages(conversation, [r.text for r in loop.rounds])
-                )
+                prompt = next_prompt or self._tok.render(round_messages(conversation, history))
                 if len(prompt) + self._min_tokens > self._max_len:
                     loop.stop(Reason.CONTEXT)
             for event in _settled_text(role, record, loop.done):

@@ -70,6 +70,11 @@ class RoundLoop:
     def done(self) -> bool:
         return self.exit_reason is not None
 
+    def guarded(self, confidence: float | None) -> bool:
+        """Whether the local guards alone decide the round about to be settled."""
+        local = decide(self.plan, len(self.rounds) + 1, confidence)
+        return local.reason in (Reason.CEILING, Reason.MIN_ROUNDS)
+
     def settle(self, record: RoundRecord, remote: Verdict | None) -> Verdict:
         """Record a finished round and settle its verdict: the remote one, within local guards."""
         if self.done:

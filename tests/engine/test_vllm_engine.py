@@ -18,7 +18,7 @@ import pytest
 
 from services.engine import EngineInfo, GenerateDelta, GenerateResult, SamplingSpec
 from services.engine_config import EngineConfig, MiB
-from services.vllm_engine import VllmEngine, cpu_thread_env, top_logprobs
+from services.vllm_engine import VllmEngine, cpu_thread_env, prepare_environment, top_logprobs
 
 pytestmark = pytest.mark.engine
 
@@ -144,6 +144,19 @@ def test_cpu_thread_env() -> None:
     proc = EngineConfig(model=MODEL, omp_threads=2, worker_process=True)
     assert cpu_thread_env(proc, [4, 6, 7]) == {"VLLM_CPU_OMP_THREADS_BIND": "4,6"}
     assert cpu_thread_env(EngineConfig(model=MODEL), [0, 1]) == {}
+
+
+def test_prepare_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("OMP_NUM_THREADS", "VLLM_NO_USAGE_STATS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.delenv(key, raising=False)  # registered, so monkeypatch restores them
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # an explicit choice is kept
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # would override kv_cache_memory_bytes
+    prepare_environment(EngineConfig(model=MODEL, omp_threads=1))
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["VLLM_NO_USAGE_STATS"] == "1"
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    assert os.environ["HF_HUB_OFFLINE"] == "0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
 
 
 def test_config_rejects_unknown_and_out_of_range() -> None:
