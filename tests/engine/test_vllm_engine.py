@@ -1,7 +1,6 @@
 """VllmEngine against a real vLLM AsyncLLM on CPU, serving SmolLM2-135M-Instruct.
 
-One engine for the whole module (startup costs ~20-40 s), driven from one event loop: the engine's
-output handler is a task of the loop that started it.
+The engine, its event loop and the model folder are the session fixtures of tests/engine/conftest.py.
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,61 +24,6 @@ pytestmark = pytest.mark.engine
 T = TypeVar("T")
 MODEL = "smollm2-135m-instruct"
 TOP_K = 5
-
-
-def _model_dir() -> Path | None:
-    candidates = [
-        os.environ.get("PONDER_TEST_MODEL_DIR"),
-        str(Path.home() / ".cache" / "ponder" / "models" / MODEL),
-        "/tmp/scratch/smollm2",
-    ]
-    for c in candidates:
-        if c and (Path(c) / "config.json").is_file():
-            return Path(c)
-    return None
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> Path:
-    found = _model_dir()
-    if found is None:
-        pytest.skip(
-            f"no {MODEL} folder: set PONDER_TEST_MODEL_DIR, or install it at "
-            f"~/.cache/ponder/models/{MODEL} (`ponder models pull`)"
-        )
-    return found
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as runner:
-        yield runner
-
-
-@pytest.fixture(scope="module")
-def engine(
-    loop: asyncio.Runner, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[VllmEngine]:
-    tmp = tmp_path_factory.mktemp("vllm")
-    config = EngineConfig(
-        model=MODEL,
-        model_path=str(model_dir),
-        kv_cache_memory_bytes=128 * MiB,
-        max_model_len=2048,
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        # vLLM leaves socket files and caches behind: keep them in the test's temp dir.
-        mp.setenv("VLLM_CACHE_ROOT", str(tmp / "cache"))
-        mp.setenv("VLLM_RPC_BASE_PATH", str(tmp / "rpc"))
-        (tmp / "rpc").mkdir()
-        eng = VllmEngine(config, str(model_dir))
-        t0 = time.perf_counter()
-        loop.run(eng.start())
-        print(f"\nengine startup: {time.perf_counter() - t0:.1f} s")
-        try:
-            yield eng
-        finally:
-            loop.run(eng.shutdown())
 
 
 @pytest.fixture(scope="module")
