@@ -231,3 +231,23 @@ def test_oversized_body_is_refused_and_server_still_answers(http, app_config, cl
     assert resp.status_code == 413 and "error" in resp.json()
     ok = ask(client, app_config.engine.model, {"tier": "low", "max_rounds": 1}, max_tokens=4)
     assert ok.choices[0].message.content
+
+
+def test_ponder_chat_prints_rounds_and_answer(base_url, capsys):
+    from cluster.cli import main
+
+    args = ["chat", "What is 2 + 2?", "--url", base_url, "--tier", "low", "--max-tokens", "8"]
+    assert main([*args, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "[answer]" in out and "tier=low" in out and "round 0:" in out
+    assert main([*args, "--stream"]) == 0
+    assert "tier=low exit=" in capsys.readouterr().out
+
+
+def test_ponder_chat_reports_http_errors_and_unreachable_servers(base_url, capsys):
+    from cluster.cli import main
+
+    assert main(["chat", "hi", "--url", base_url, "--max-rounds", "99"]) == 1
+    assert "HTTP 400" in capsys.readouterr().err
+    assert main(["chat", "hi", "--url", "http://127.0.0.1:9"]) == 1
+    assert "is `ponder serve` running?" in capsys.readouterr().err
