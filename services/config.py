@@ -20,29 +20,24 @@ class _Strict(BaseModel):
 
 class WorkerConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=256, description="Reasoning worker replicas (engines).")
-    num_cpus: float = Field(
-        1.0, ge=0.0, le=512, description="Ray CPUs reserved per worker replica."
-    )
+    num_cpus: float = Field(1.0, ge=0.0, le=512, description="Ray CPUs reserved per worker replica.")
     num_gpus: float = Field(0.0, ge=0.0, le=8, description="GPUs per worker replica (0 on CPU).")
-    max_ongoing_requests: int = Field(
-        32, ge=1, le=4096, description="Concurrent rounds per replica."
-    )
+    max_ongoing_requests: int = Field(32, ge=1, le=4096, description="Concurrent rounds per replica.")
 
 
 class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=256, description="Router (HTTP ingress) replicas.")
-    num_cpus: float = Field(
-        0.25, ge=0.0, le=64, description="Ray CPUs reserved per router replica."
-    )
+    num_cpus: float = Field(0.25, ge=0.0, le=64, description="Ray CPUs reserved per router replica.")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Largest request body.")
     max_messages: int = Field(512, ge=1, le=100_000, description="Most messages in one request.")
     default_max_tokens: int = Field(256, ge=1, le=32_768, description="Per-round completion cap.")
     max_tokens_limit: int = Field(2048, ge=1, le=131_072, description="Largest per-round cap.")
     default_temperature: float = Field(0.7, ge=0.0, le=2.0, description="When a request sets none.")
-    top_logprobs: int = Field(
-        5, ge=1, le=20, description="Top-k logprobs per token for confidence."
-    )
+    top_logprobs: int = Field(5, ge=1, le=20, description="Top-k logprobs per token for confidence.")
     min_round_tokens: int = Field(16, ge=1, le=4096, description="Least room a round must have.")
+    complexity_file: str = Field(
+        "complexity.yaml", description="Complexity scorer (prompt -> tier); relative to the config file."
+    )
     depth_control_timeout_s: float = Field(
         2.0, gt=0.0, le=60.0, description="Past this, a round is decided locally (hard ceilings)."
     )
@@ -80,7 +75,10 @@ class AppConfig(_Strict):
         path = Path(path)
         with open(path, encoding="utf-8") as f:
             cfg = cls.model_validate(yaml.safe_load(f) or {})
-        tiers = Path(cfg.depth_control.tiers_file)
-        if not tiers.is_absolute():
-            cfg.depth_control.tiers_file = str((path.parent / tiers).resolve())
+        cfg.depth_control.tiers_file = _resolve(path, cfg.depth_control.tiers_file)
+        cfg.router.complexity_file = _resolve(path, cfg.router.complexity_file)
         return cfg
+
+
+def _resolve(config_path: Path, file: str) -> str:
+    return file if Path(file).is_absolute() else str((config_path.parent / file).resolve())

@@ -15,6 +15,7 @@ class Meta:
     id: str
     model: str
     created: int
+    tier_reason: str = "requested"
 
 
 def new_id() -> str:
@@ -31,9 +32,10 @@ def usage(o: Outcome) -> dict:
     }
 
 
-def reasoning_summary(o: Outcome) -> dict:
+def reasoning_summary(o: Outcome, meta: Meta) -> dict:
     return {
         "tier": o.plan.tier,
+        "tier_reason": meta.tier_reason,
         "strategy": "cot",
         "exit_reason": o.exit_reason.value,
         "min_rounds": o.plan.min_rounds,
@@ -67,7 +69,7 @@ async def complete(events: AsyncIterator[Event], meta: Meta) -> dict:
             }
         ],
         "usage": usage(outcome),
-        "reasoning": reasoning_summary(outcome),
+        "reasoning": reasoning_summary(outcome, meta),
     }
 
 
@@ -95,7 +97,7 @@ async def sse(events: AsyncIterator[Event], meta: Meta, include_usage: bool) -> 
                 yield _chunk(meta, {"content": ev.text})
             elif isinstance(ev, Finished):
                 o = ev.outcome
-                yield _chunk(meta, {}, "stop", reasoning=reasoning_summary(o))
+                yield _chunk(meta, {}, "stop", reasoning=reasoning_summary(o, meta))
                 if include_usage:
                     body = {
                         "id": meta.id,

@@ -17,11 +17,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services import responses
-from services.api import ApiError, ChatRequest, install_error_handlers
+from services.api import ApiError, ChatRequest, ReasoningOptions, install_error_handlers
 from services.config import AppConfig
 from services.depth_control import get_or_create
 from services.engine import GenerateDelta, SamplingSpec
 from services.orchestrator import ContextLengthError, Orchestrator
+from services.reasoning.complexity import ComplexityConfig, score
 from services.reasoning.tiers import (
     Action,
     PlanError,
@@ -36,9 +37,7 @@ from services.worker import delta_from_dict
 
 log = logging.getLogger("ponder.router")
 
-app = FastAPI(
-    title="Ponder", version="0.1.0", description="Multi-round reasoning, OpenAI-compatible"
-)
+app = FastAPI(title="Ponder", version="0.1.0", description="Multi-round reasoning, OpenAI-compatible")
 install_error_handlers(app)
 
 
@@ -62,6 +61,7 @@ class Router:
         self.worker = worker
         self.model = self.cfg.engine.model
         self.tiers = TierTable.load(self.cfg.depth_control.tiers_file)
+        self.complexity = ComplexityConfig.load(self.rcfg.complexity_file)
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "")
         self.depth = get_or_create(self.cfg.depth_control)
         self._orchestrator: Orchestrator | None = None
@@ -83,15 +83,11 @@ class Router:
     async def _generate(
         self, request_id: str, prompt: list[int], spec: SamplingSpec
     ) -> AsyncIterator[GenerateDelta]:
-        stream = self.worker.options(stream=True).generate_stream.remote(
-            request_id, prompt, spec.__dict__
-        )
+        stream = self.worker.options(stream=True).generate_stream.remote(request_id, prompt, spec.__dict__)
         async for d in stream:
             yield delta_from_dict(d)
 
-    async def _decide(
-        self, plan: RoundPlan, rounds_done: int, conf: float | None
-    ) -> Verdict | None:
+    async def _decide(self, plan: RoundPlan, rounds_done: int, conf: float | None) -> Verdict | None:
         """Ask depth control; None (decide locally) when it does not answer in time."""
         try:
             ref = self.depth.decide.remote(plan.__dict__, rounds_done, conf)
@@ -101,20 +97,26 @@ class Router:
             log.warning("depth control unavailable (%s); deciding locally", type(exc).__name__)
             return None
 
-    def _plan(self, req: ChatRequest) -> RoundPlan:
-        r = req.reasoning
+    def _plan(self, req: ChatRequest) -> tuple[RoundPlan, str]:
+        """The request's plan and why its tier: named by the request, or scored from its prompt."""
+        r = req.reasoning or ReasoningOptions()
+        if r.tier is None:
+            user_text = "\n".join(m.text() for m in req.messages if m.role == "user")
+            assessment = score(user_text, self.complexity)
+            tier, tier_reason = assessment.tier, assessment.reason
+        else:
+            tier, tier_reason = r.tier, "requested"
         try:
-            if r is None:
-                return make_plan(self.tiers)
-            return make_plan(
+            plan = make_plan(
                 self.tiers,
-                r.tier,
+                tier,
                 max_rounds=r.max_rounds,
                 min_rounds=r.min_rounds,
                 confidence_threshold=r.confidence_threshold,
             )
         except PlanError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
+        return plan, tier_reason
 
     def _sampling(self, req: ChatRequest) -> SamplingSpec:
         cap = req.max_completion_tokens or req.max_tokens or self.rcfg.default_max_tokens
@@ -153,7 +155,7 @@ class Router:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatRequest):
         self._validate(req)
-        plan, sampling = self._plan(req), self._sampling(req)
+        (plan, tier_reason), sampling = self._plan(req), self._sampling(req)
         orch = await self._orch()
         conversation = req.conversation()
         try:
@@ -162,7 +164,7 @@ class Router:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
         rid = responses.new_id()
         events = orch.run(rid, conversation, plan, sampling)
-        meta = responses.Meta(rid, self.model, int(time.time()))
+        meta = responses.Meta(rid, self.model, int(time.time()), tier_reason)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
@@ -174,9 +176,7 @@ class Router:
     async def models(self) -> dict:
         return {
             "object": "list",
-            "data": [
-                {"id": self.model, "object": "model", "created": self.created, "owned_by": "ponder"}
-            ],
+            "data": [{"id": self.model, "object": "model", "created": self.created, "owned_by": "ponder"}],
         }
 
     @app.get("/healthz")

@@ -62,9 +62,7 @@ def test_medium_tier_answers_in_several_rounds_with_confidence(client, app_confi
 def test_low_tier_never_exceeds_two_rounds(client, app_config, question):
     model = app_config.engine.model
     for threshold in (None, 1.0):
-        reasoning = {"tier": "low"} | (
-            {} if threshold is None else {"confidence_threshold": threshold}
-        )
+        reasoning = {"tier": "low"} | ({} if threshold is None else {"confidence_threshold": threshold})
         rounds = rounds_of(ask(client, model, reasoning, question=question, max_tokens=16))
         assert 1 <= len(rounds) <= 2
         if threshold == 1.0:  # never confident enough: runs to the ceiling of 2
@@ -207,9 +205,7 @@ def _bad(model):
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(http, app_config, case):
     name, body, status, param = _bad(app_config.engine.model)[case]
     if isinstance(body, bytes):
-        resp = http.post(
-            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
-        )
+        resp = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     else:
         resp = http.post("/v1/chat/completions", json=body)
     assert resp.status_code == status, (name, resp.text)
@@ -251,3 +247,22 @@ def test_ponder_chat_reports_http_errors_and_unreachable_servers(base_url, capsy
     assert "HTTP 400" in capsys.readouterr().err
     assert main(["chat", "hi", "--url", "http://127.0.0.1:9"]) == 1
     assert "is `ponder serve` running?" in capsys.readouterr().err
+
+
+def test_tier_is_scored_from_the_prompt_unless_named(client, app_config):
+    from services.reasoning.complexity import ComplexityConfig, score
+
+    complexity = ComplexityConfig.load(app_config.router.complexity_file)
+    model = app_config.engine.model
+    for question in (
+        "Name the capital of France.",
+        "What dosage of ibuprofen is safe for a patient with kidney disease?",
+    ):
+        expected = score(question, complexity)
+        summary = ask(client, model, {"max_rounds": 1}, question=question, max_tokens=4).model_extra[
+            "reasoning"
+        ]
+        assert (summary["tier"], summary["tier_reason"]) == (expected.tier, expected.reason)
+    assert expected.tier == "critical" and "medical" in expected.reason
+    named = ask(client, model, {"tier": "high", "max_rounds": 1}, max_tokens=4).model_extra["reasoning"]
+    assert (named["tier"], named["tier_reason"]) == ("high", "requested")
