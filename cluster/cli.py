@@ -26,6 +26,8 @@ def load_config(path: str) -> AppConfig:
         return AppConfig.load(path)
     except ValidationError as exc:
         raise CliError(f"invalid config {path}:\n{exc}") from exc
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -55,7 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         local.start_ray(cfg)
         trap_signals()  # ray.init installs its own SIGTERM handler, which aborts the process
-        local.deploy(cfg, progress=lambda m: print(m, flush=True))
+        try:
+            local.deploy(cfg, progress=lambda m: print(m, flush=True))
+        except RuntimeError as exc:  # a replica failed to start; the message says where its logs are
+            raise CliError(f"the app failed to start: {exc}") from exc
         ready.set()
         print(ready_message(cfg), flush=True)
         stop.wait()

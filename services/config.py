@@ -81,4 +81,8 @@ class AppConfig(_Strict):
 
 
 def _resolve(config_path: Path, file: str) -> str:
-    return file if Path(file).is_absolute() else str((config_path.parent / file).resolve())
+    """Resolve against the config's folder and fail at load time, not in a remote replica."""
+    resolved = Path(file) if Path(file).is_absolute() else (config_path.parent / file).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{config_path}: referenced file not found: {resolved}")
+    return str(resolved)

@@ -23,6 +23,7 @@ def _config(tmp_path: Path, port: int) -> Path:
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["engine"].update(model=TINY_MODEL, kv_cache_memory_bytes=64 << 20, max_model_len=1024)
     raw["depth_control"]["tiers_file"] = str(DEFAULT_CONFIG.parent / "tiers.yaml")
+    raw["router"]["complexity_file"] = str(DEFAULT_CONFIG.parent / "complexity.yaml")
     raw["ray"]["dashboard"] = False
     raw["http"]["port"] = port
     path = tmp_path / "serve.yaml"

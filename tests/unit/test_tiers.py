@@ -85,3 +85,23 @@ def test_no_threshold_runs_to_the_ceiling():
         Action.CONTINUE,
         Action.EXIT,
     ]
+
+
+def test_app_config_refuses_a_missing_referenced_file(tmp_path):
+    from services.config import DEFAULT_CONFIG, AppConfig
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    (tmp_path / "app.yaml").write_text(yaml.safe_dump(raw))  # tiers.yaml is not beside it
+    with pytest.raises(FileNotFoundError, match="tiers.yaml"):
+        AppConfig.load(tmp_path / "app.yaml")
+    assert AppConfig.load(DEFAULT_CONFIG).router.complexity_file.endswith("complexity.yaml")
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
+    from cluster.cli import main
+
+    (tmp_path / "bad.yaml").write_text("engine: {model: x, max_model_len: -1}\n")
+    assert main(["serve", "--config", str(tmp_path / "bad.yaml")]) == 1
+    assert "invalid config" in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert "config file not found" in capsys.readouterr().err
