@@ -6,7 +6,6 @@ the fields Ponder acts on are validated strictly, and the `reasoning` object for
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
@@ -155,7 +154,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), kind)
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{time.time_ns():x}"
