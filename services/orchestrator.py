@@ -154,9 +154,11 @@ class Orchestrator:
         conversation: Sequence[Message],
         plan: RoundPlan,
         sampling: SamplingSpec,
+        first_prompt: list[int] | None = None,
     ) -> AsyncIterator[Event]:
+        """Run the loop; `first_prompt` is round 0's prompt when the caller already checked it."""
         loop = RoundLoop(plan)
-        prompt = self.first_prompt(conversation)
+        prompt = first_prompt if first_prompt is not None else self.first_prompt(conversation)
         while True:
             index = loop.next_index
             role = round_role(plan, index)

@@ -22,7 +22,7 @@ from services.config import AppConfig
 from services.depth_control import get_or_create
 from services.engine import GenerateDelta, SamplingSpec
 from services.orchestrator import ContextLengthError, Orchestrator
-from services.reasoning.complexity import ComplexityConfig, score
+from services.reasoning.complexity import ComplexityConfig, pick_tier
 from services.reasoning.tiers import (
     Action,
     PlanError,
@@ -100,12 +100,8 @@ class Router:
     def _plan(self, req: ChatRequest) -> tuple[RoundPlan, str]:
         """The request's plan and why its tier: named by the request, or scored from its prompt."""
         r = req.reasoning or ReasoningOptions()
-        if r.tier is None:
-            user_text = "\n".join(m.text() for m in req.messages if m.role == "user")
-            assessment = score(user_text, self.complexity)
-            tier, tier_reason = assessment.tier, assessment.reason
-        else:
-            tier, tier_reason = r.tier, "requested"
+        user_text = "\n".join(m.text() for m in req.messages if m.role == "user")
+        tier, tier_reason = pick_tier(r.tier, user_text, self.complexity)
         try:
             plan = make_plan(
                 self.tiers,
@@ -159,11 +155,11 @@ class Router:
         orch = await self._orch()
         conversation = req.conversation()
         try:
-            orch.first_prompt(conversation)
+            first_prompt = orch.first_prompt(conversation)  # checked here: a 400 before any stream
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
         rid = responses.new_id()
-        events = orch.run(rid, conversation, plan, sampling)
+        events = orch.run(rid, conversation, plan, sampling, first_prompt)
         meta = responses.Meta(rid, self.model, int(time.time()), tier_reason)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -242,3 +242,11 @@ def score(text: str, cfg: ComplexityConfig) -> Assessment:
         tier, cmp = "low", f"< medium threshold {th.medium:g}"
     detail = _describe(feats, contrib)
     return Assessment(tier, total, f"score {total:.2f}{f' ({detail})' if detail else ''} {cmp}", feats)
+
+
+def pick_tier(requested: str | None, text: str, cfg: ComplexityConfig) -> tuple[str, str]:
+    """The tier a request runs at and why: the one it names, else the one its prompt scores."""
+    if requested is not None:
+        return requested, "requested"
+    assessment = score(text, cfg)
+    return assessment.tier, assessment.reason
