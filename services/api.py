@@ -38,6 +38,15 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class TotOptions(BaseModel):
+    """Per-request Tree-of-Thought budgets: they may narrow the tier's, never widen them."""
+
+    model_config = ConfigDict(extra="forbid")
+    branching: int | None = Field(None, ge=1, le=3, description="Children per expansion (one request).")
+    max_depth: int | None = Field(None, ge=1, le=ABSOLUTE_MAX_ROUNDS, description="Rounds on a path.")
+    max_total_nodes: int | None = Field(None, ge=1, le=64, description="Nodes generated in all.")
+
+
 class ReasoningOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tier: Literal["low", "medium", "high", "critical"] | None = Field(
@@ -46,6 +55,28 @@ class ReasoningOptions(BaseModel):
     max_rounds: int | None = Field(None, ge=1, le=ABSOLUTE_MAX_ROUNDS)
     min_rounds: int | None = Field(None, ge=1, le=ABSOLUTE_MAX_ROUNDS)
     confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    domain: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Threshold domain (GET /v1/domains); default: detected.",
+    )
+    strategy: Literal["cot", "tot"] | None = Field(
+        None, description="cot: one chain of rounds; tot: Tree-of-Thought; default: the tier's."
+    )
+    tot: TotOptions | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128, description="The chat completion's id.")
+    correct: bool
+
+
+class ReviewDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reviewer: str | None = Field(None, max_length=256)
+    note: str | None = Field(None, max_length=4096)
 
 
 class StreamOptions(BaseModel):
@@ -126,9 +157,7 @@ def _describe(err: dict) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if err.get("type") == "json_invalid":
-        return "The request body is not valid JSON: " + str(
-            err.get("ctx", {}).get("error", "")
-        ), None
+        return "The request body is not valid JSON: " + str(err.get("ctx", {}).get("error", "")), None
     if err.get("type") == "missing" and not loc:
         return "The request body is missing; send a JSON object.", None
     where = f"'{param}'" if param else "the request body"

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.engine_config import EngineConfig
+from services.reasoning.budgets import BudgetConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local-cpu.yaml"
@@ -38,6 +40,9 @@ class RouterConfig(_Strict):
     complexity_file: str = Field(
         "complexity.yaml", description="Complexity scorer (prompt -> tier); relative to the config file."
     )
+    tot_grant_wait_s: float = Field(
+        10.0, ge=0.0, le=300.0, description="How long a ToT expansion waits for the cluster's node budget."
+    )
     depth_control_timeout_s: float = Field(
         2.0, gt=0.0, le=60.0, description="Past this, a round is decided locally (hard ceilings)."
     )
@@ -47,6 +52,18 @@ class DepthControlConfig(_Strict):
     name: str = Field("ponder-depth-control", description="Name of the depth-control actor.")
     namespace: str = Field("ponder", description="Ray namespace of Ponder's named actors.")
     tiers_file: str = Field("tiers.yaml", description="Tier table; relative to the config file.")
+    domains_file: str = Field(
+        "domains.yaml", description="Per-domain exit thresholds; relative to the config file."
+    )
+    state_dir: str | None = Field(
+        None,
+        description="Durable state (budgets checkpoint, reviews, feedback, thresholds): a SQLite file "
+        "here. Default $PONDER_HOME/state (~/.cache/ponder/state); on Kubernetes, a volume.",
+    )
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="Cluster-wide budgets.")
+    checkpoint_interval_s: float = Field(
+        0.0, ge=0.0, le=60.0, description="Least time between budget checkpoints; 0 = after every change."
+    )
 
 
 class RayConfig(_Strict):
@@ -76,6 +93,8 @@ class AppConfig(_Strict):
         with open(path, encoding="utf-8") as f:
             cfg = cls.model_validate(yaml.safe_load(f) or {})
         cfg.depth_control.tiers_file = _resolve(path, cfg.depth_control.tiers_file)
+        cfg.depth_control.domains_file = _resolve(path, cfg.depth_control.domains_file)
+        cfg.depth_control.state_dir = _state_dir(path, cfg.depth_control.state_dir)
         cfg.router.complexity_file = _resolve(path, cfg.router.complexity_file)
         return cfg
 
@@ -86,3 +105,12 @@ def _resolve(config_path: Path, file: str) -> str:
     if not resolved.is_file():
         raise FileNotFoundError(f"{config_path}: referenced file not found: {resolved}")
     return str(resolved)
+
+
+def _state_dir(config_path: Path, state_dir: str | None) -> str:
+    if state_dir is None:
+        home = os.environ.get("PONDER_HOME")
+        base = Path(home) if home else Path.home() / ".cache" / "ponder"
+        return str((base / "state").resolve())
+    p = Path(state_dir)
+    return str(p if p.is_absolute() else (config_path.parent / p).resolve())

@@ -82,6 +82,21 @@ class Engine(ABC):
     @abstractmethod
     async def shutdown(self) -> None: ...
 
+    async def generate_n(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, n: int
+    ) -> list[GenerateResult]:
+        """n samples of one prompt; engines that share the prompt's prefill should override this."""
+        import dataclasses
+
+        return [
+            await self.generate(
+                f"{request_id}-{i}",
+                prompt_token_ids,
+                spec if spec.seed is None else dataclasses.replace(spec, seed=spec.seed + i),
+            )
+            for i in range(n)
+        ]
+
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
     ) -> GenerateResult:

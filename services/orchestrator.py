@@ -15,14 +15,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.engine import GenerateDelta, SamplingSpec
+from services.engine import GenerateDelta, GenerateResult, SamplingSpec
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message, round_messages
-from services.reasoning.tiers import Reason, RoundPlan, Verdict
+from services.reasoning.pruning import PruneError, fit_transcript
+from services.reasoning.signals import Signals, extract_answer, stable_rounds
+from services.reasoning.tiers import Reason, RoundPlan, Verdict, decide
 
 GenerateFn = Callable[[str, list[int], SamplingSpec], AsyncIterator[GenerateDelta]]
-DecideFn = Callable[[RoundPlan, int, float | None], Awaitable[Verdict | None]]
+# (request id, prompt, sampling, n) -> n children of the prompt in one engine request (ToT).
+ExpandFn = Callable[[str, list[int], SamplingSpec, int], Awaitable[list[GenerateResult]]]
+GrantFn = Callable[[int], Awaitable[int]]  # ToT: nodes wanted -> nodes granted by depth control
+ReleaseFn = Callable[[int], Awaitable[None]]
+# (plan, rounds done, the last round's signals) -> verdict, or None to decide locally.
+DecideFn = Callable[[RoundPlan, int, Signals], Awaitable[Verdict | None]]
+
+
+async def local_decide(plan: RoundPlan, rounds_done: int, signals: Signals) -> Verdict:
+    """The pure policy as a DecideFn: for runs without a depth-control actor (benchmarks, tests)."""
+    return decide(plan, rounds_done, signals)
 
 
 class Tokenizer(Protocol):
@@ -61,10 +73,28 @@ class RoundDone:
 @dataclass
 class Outcome:
     plan: RoundPlan
-    rounds: list[RoundRecord]
+    rounds: list[RoundRecord]  # the chain of rounds behind the answer (ToT: the best path)
     exit_reason: Reason
     content: str
     reasoning_content: str
+    tot: dict | None = None  # Tree-of-Thought summary: nodes, depth, branching, best_path, ...
+    # ToT generates nodes off the best path too; these count every token it spent. None: the rounds'.
+    all_prompt_tokens: int | None = None
+    all_completion_tokens: int | None = None
+
+    @property
+    def total_prompt_tokens(self) -> int:
+        return self.prompt_tokens if self.all_prompt_tokens is None else self.all_prompt_tokens
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return self.completion_tokens if self.all_completion_tokens is None else self.all_completion_tokens
+
+    @property
+    def total_reasoning_tokens(self) -> int:
+        """Every completion token but the final answer's: the reasoning tax."""
+        final = self.rounds[-1].completion_tokens if self.rounds else 0
+        return self.total_completion_tokens - final
 
     @property
     def prompt_tokens(self) -> int:
@@ -131,8 +161,10 @@ class Orchestrator:
         max_model_len: int,
         min_round_tokens: int = 16,
         clock: Callable[[], float] = time.perf_counter,
+        expand: ExpandFn | None = None,
     ) -> None:
         self._generate = generate
+        self._expand = expand
         self._decide = decide
         self._tok = tokenizer
         self._vocab = vocab_size
@@ -140,6 +172,42 @@ class Orchestrator:
         self._min_tokens = min_round_tokens
         self._clock = clock
         self._pending: set[asyncio.Future] = set()  # depth-control calls nobody waits for
+
+    def render(self, conversation: Sequence[Message], earlier_rounds: Sequence[str]) -> list[int]:
+        return self._tok.render(round_messages(conversation, earlier_rounds))
+
+    def fits(self, prompt: list[int]) -> bool:
+        return len(prompt) + self._min_tokens <= self._max_len
+
+    def room(self, max_tokens: int, prompt: list[int]) -> int:
+        return min(max_tokens, self._max_len - len(prompt))
+
+    def prune(
+        self, conversation: Sequence[Message], history: Sequence[str], max_tokens: int
+    ) -> tuple[list[int] | None, dict | None]:
+        """The next prompt cut to fit the context (older rounds condensed, then dropped), counted
+        with the real tokenizer; (None, None) when even the question and the latest round do not fit.
+        Tries to leave the round its full token cap first, then the least room a round needs."""
+
+        def count(messages: Sequence[Message]) -> int:
+            return len(self._tok.render(messages))
+
+        for budget in (self._max_len - max_tokens, self._max_len - self._min_tokens):
+            if budget <= 0:
+                continue
+            try:
+                p = fit_transcript(conversation, history, budget, count)
+            except PruneError:
+                continue
+            info = {"tokens": p.tokens, "condensed": list(p.condensed), "dropped": list(p.dropped)}
+            return self._tok.render(p.messages), info
+        return None, None
+
+    async def expand(
+        self, request_id: str, prompt: list[int], spec: SamplingSpec, n: int
+    ) -> list[GenerateResult]:
+        assert self._expand is not None
+        return await self._expand(request_id, prompt, spec, n)
 
     def first_prompt(self, conversation: Sequence[Message]) -> list[int]:
         """Round 0's prompt; raises ContextLengthError when it leaves no room for an answer."""
@@ -155,10 +223,40 @@ class Orchestrator:
         plan: RoundPlan,
         sampling: SamplingSpec,
         first_prompt: list[int] | None = None,
+        *,
+        decide: DecideFn | None = None,
+        grant_nodes: GrantFn | None = None,
+        release_nodes: ReleaseFn | None = None,
     ) -> AsyncIterator[Event]:
-        """Run the loop; `first_prompt` is round 0's prompt when the caller already checked it."""
-        loop = RoundLoop(plan)
+        """Run the loop; `first_prompt` is round 0's prompt when the caller already checked it.
+        `decide` overrides the orchestrator's DecideFn for this request; ToT asks `grant_nodes` before
+        every expansion (default: everything wanted is granted)."""
         prompt = first_prompt if first_prompt is not None else self.first_prompt(conversation)
+        if plan.strategy == "tot":
+            from services.tot_run import run_tot  # a sibling shell; imported late to avoid a cycle
+
+            if self._expand is None:
+                raise ValueError("strategy 'tot' needs an engine that expands n children (expand=)")
+            events = run_tot(
+                self, request_id, conversation, plan, sampling, prompt, grant_nodes, release_nodes, decide
+            )
+        else:
+            events = self._chain(request_id, conversation, plan, sampling, prompt, decide or self._decide)
+        async for ev in events:
+            yield ev
+
+    async def _chain(
+        self,
+        request_id: str,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        sampling: SamplingSpec,
+        prompt: list[int],
+        decide: DecideFn,
+    ) -> AsyncIterator[Event]:
+        """The chain of rounds: draft, then verify until depth control (within the guards) says exit."""
+        loop = RoundLoop(plan)
+        pruned: dict | None = None  # how the coming round's prompt was cut to fit, if it was
         while True:
             index = loop.next_index
             role = round_role(plan, index)
@@ -173,25 +271,13 @@ class Orchestrator:
                 acc.add(delta, (self._clock() - start) * 1000.0)
                 if delta.text and role is not StreamRole.UNDECIDED:
                     yield (ContentDelta if role is StreamRole.FINAL else ReasoningDelta)(delta.text)
-            record = self._record(index, acc, prompt, (self._clock() - start) * 1000.0)
-            history = [*(r.text for r in loop.rounds), record.text]
-            asked = asyncio.ensure_future(self._decide(plan, index + 1, record.confidence))
-            next_prompt: list[int] | None = None
-            if loop.guarded(record.confidence):
-                # The local guard fixes this round's outcome (min_rounds or ceiling): depth control
-                # is told, but nothing waits for an answer that cannot change it.
-                self._pending.add(asked)
-                asked.add_done_callback(self._pending.discard)
-                remote = None
-            else:
-                # Render the next prompt while the actor answers: the two overlap.
-                next_prompt = self._tok.render(round_messages(conversation, history))
-                remote = await asked
-            verdict = loop.settle(record, remote)
-            if not verdict.exit:
-                prompt = next_prompt or self._tok.render(round_messages(conversation, history))
-                if len(prompt) + self._min_tokens > self._max_len:
-                    loop.stop(Reason.CONTEXT)
+            record = self.record(index, acc, prompt, (self._clock() - start) * 1000.0, loop.rounds)
+            record.pruned = pruned
+            verdict, next_prompt, pruned = await self._settle(
+                loop, record, conversation, plan, decide, sampling
+            )
+            if next_prompt is not None:
+                prompt = next_prompt
             for event in _settled_text(role, record, loop.done):
                 yield event
             yield RoundDone(record, verdict)
@@ -199,15 +285,56 @@ class Orchestrator:
                 break
         assert loop.exit_reason is not None
         yield Finished(
-            Outcome(
-                plan, loop.rounds, loop.exit_reason, loop.final.text, reasoning_text(loop.earlier)
-            )
+            Outcome(plan, loop.rounds, loop.exit_reason, loop.final.text, reasoning_text(loop.earlier))
         )
 
-    def _record(self, index: int, acc: _Round, prompt: list[int], latency_ms: float) -> RoundRecord:
+    async def _settle(
+        self,
+        loop: RoundLoop,
+        record: RoundRecord,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        decide: DecideFn,
+        sampling: SamplingSpec,
+    ) -> tuple[Verdict, list[int] | None, dict | None]:
+        """Settle a finished round: its verdict, and (unless it was the last) the next prompt and
+        how it was pruned to fit. Ends the loop on context_limit when nothing fits."""
+        history = [*(r.text for r in loop.rounds), record.text]
+        assert record.signals is not None
+        asked = asyncio.ensure_future(decide(plan, record.index + 1, record.signals))
+        next_prompt: list[int] | None = None
+        if loop.guarded(record.signals):
+            # The local guard fixes this round's outcome (min_rounds or ceiling): depth control
+            # is told, but nothing waits for an answer that cannot change it.
+            self._pending.add(asked)
+            asked.add_done_callback(self._pending.discard)
+            remote = None
+        else:
+            # Render the next prompt while the actor answers: the two overlap.
+            next_prompt = self._tok.render(round_messages(conversation, history))
+            remote = await asked
+        verdict = loop.settle(record, remote)
+        if verdict.exit:
+            return verdict, None, None
+        prompt = next_prompt or self._tok.render(round_messages(conversation, history))
+        if self.fits(prompt):
+            return verdict, prompt, None
+        pruned_prompt, pruned = self.prune(conversation, history, sampling.max_tokens)
+        if pruned_prompt is None:
+            loop.stop(Reason.CONTEXT)
+        return verdict, pruned_prompt, pruned
+
+    def record(
+        self, index: int, acc: _Round, prompt: list[int], latency_ms: float, earlier: Sequence[RoundRecord]
+    ) -> RoundRecord:
         text = "".join(acc.text)
-        confidence = round_confidence(
-            text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode
+        confidence = round_confidence(text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode)
+        answer = extract_answer(text)
+        # Entropy confidence over the answer span (as `confidence`); DeepConf signals over the round.
+        signals = dataclasses.replace(
+            Signals.compute(acc.logprobs, self._vocab),
+            entropy_confidence=confidence,
+            stable_rounds=stable_rounds([*(r.answer for r in earlier), answer]),
         )
         return RoundRecord(
             index=index,
@@ -218,6 +345,8 @@ class Orchestrator:
             confidence=confidence,
             latency_ms=latency_ms,
             ttft_ms=acc.ttft_ms,
+            signals=signals,
+            answer=answer,
         )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from services.control import Control
 from services.orchestrator import ContentDelta, Event, Finished, Outcome, ReasoningDelta
 
 
@@ -16,19 +17,53 @@ class Meta:
     model: str
     created: int
     tier_reason: str = "requested"
+    domain_reason: str = "requested"
+    control: Control = field(default_factory=Control)  # filled in while the request runs
 
 
 def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+def review_id(request_id: str) -> str:
+    return "review-" + request_id.removeprefix("chatcmpl-")
+
+
+def proposed(completion: dict) -> dict:
+    """What a reviewer judges: the held answer, its reasoning and the loop's summary."""
+    message = completion["choices"][0]["message"]
+    return {
+        "content": message["content"],
+        "reasoning_content": message.get("reasoning_content", ""),
+        "reasoning": completion["reasoning"],
+    }
+
+
+def review_view(row: dict) -> dict:
+    """A review as the API shows it; the completion itself is released only once approved."""
+    return {
+        "id": row["id"],
+        "object": "chat.completion.review",
+        "status": row["status"],
+        "request_id": row["request_id"],
+        "tier": row["tier"],
+        "domain": row["domain"],
+        "created_at": row["created_at"],
+        "decided_at": row["decided_at"],
+        "reviewer": row["reviewer"],
+        "note": row["note"],
+        "proposed": row["proposed"],
+        "completion": row["completion"] if row["status"] == "approved" else None,
+    }
+
+
 def usage(o: Outcome) -> dict:
     return {
-        "prompt_tokens": o.prompt_tokens,
-        "completion_tokens": o.completion_tokens,
-        "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens": o.total_prompt_tokens,
+        "completion_tokens": o.total_completion_tokens,
+        "total_tokens": o.total_prompt_tokens + o.total_completion_tokens,
         "prompt_tokens_details": {"cached_tokens": o.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": o.reasoning_tokens},
+        "completion_tokens_details": {"reasoning_tokens": o.total_reasoning_tokens},
     }
 
 
@@ -36,11 +71,16 @@ def reasoning_summary(o: Outcome, meta: Meta) -> dict:
     return {
         "tier": o.plan.tier,
         "tier_reason": meta.tier_reason,
-        "strategy": "cot",
+        "domain": o.plan.domain,
+        "domain_reason": meta.domain_reason,
+        "strategy": o.plan.strategy,
         "exit_reason": o.exit_reason.value,
         "min_rounds": o.plan.min_rounds,
         "max_rounds": o.plan.max_rounds,
         "confidence_threshold": o.plan.confidence_threshold,
+        "exit_rule": o.plan.exit_rule,
+        **meta.control.summary(),
+        "tot": o.tot,
         "rounds": [r.summary() for r in o.rounds],
     }
 

@@ -7,6 +7,7 @@ formatting in `services.responses`; this file wires them to Serve handles and th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,23 +18,26 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services import responses
-from services.api import ApiError, ChatRequest, ReasoningOptions, install_error_handlers
-from services.config import AppConfig
-from services.depth_control import get_or_create
-from services.engine import GenerateDelta, SamplingSpec
-from services.orchestrator import ContextLengthError, Orchestrator
-from services.reasoning.complexity import ComplexityConfig, pick_tier
-from services.reasoning.tiers import (
-    Action,
-    PlanError,
-    Reason,
-    RoundPlan,
-    TierTable,
-    Verdict,
-    make_plan,
+from services.api import (
+    ApiError,
+    ChatRequest,
+    FeedbackRequest,
+    ReasoningOptions,
+    ReviewDecision,
+    install_error_handlers,
 )
+from services.config import AppConfig
+from services.control import Control, DepthClient, api_key_id
+from services.depth_control import get_or_create
+from services.engine import GenerateDelta, GenerateResult, SamplingSpec
+from services.orchestrator import ContextLengthError, Event, Finished, Orchestrator
+from services.reasoning.complexity import ComplexityConfig, pick_tier
+from services.reasoning.domains import DomainRegistry, detect_domain
+from services.reasoning.tiers import PlanError, RoundPlan, TierTable, make_plan
 from services.tokenizer import HfTokenizer
-from services.worker import delta_from_dict
+from services.worker import delta_from_dict, result_from_dict
+
+REVIEW_STATUSES = ("pending", "approved", "rejected")
 
 log = logging.getLogger("ponder.router")
 
@@ -62,8 +66,10 @@ class Router:
         self.model = self.cfg.engine.model
         self.tiers = TierTable.load(self.cfg.depth_control.tiers_file)
         self.complexity = ComplexityConfig.load(self.rcfg.complexity_file)
+        self.domains = DomainRegistry.load(self.cfg.depth_control.domains_file)
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "")
         self.depth = get_or_create(self.cfg.depth_control)
+        self.control = DepthClient(self.depth, self.rcfg.depth_control_timeout_s, self.rcfg.tot_grant_wait_s)
         self._orchestrator: Orchestrator | None = None
         self.created = int(time.time())
 
@@ -72,8 +78,9 @@ class Router:
             info = await self.worker.engine_info.remote()
             self._orchestrator = Orchestrator(
                 self._generate,
-                self._decide,
+                self._no_decide,  # every request brings its own decider (DepthClient.decider)
                 self.tokenizer,
+                expand=self._expand,
                 vocab_size=info["vocab_size"],
                 max_model_len=info["max_model_len"],
                 min_round_tokens=self.rcfg.min_round_tokens,
@@ -87,21 +94,32 @@ class Router:
         async for d in stream:
             yield delta_from_dict(d)
 
-    async def _decide(self, plan: RoundPlan, rounds_done: int, conf: float | None) -> Verdict | None:
-        """Ask depth control; None (decide locally) when it does not answer in time."""
-        try:
-            ref = self.depth.decide.remote(plan.__dict__, rounds_done, conf)
-            action, reason = await asyncio.wait_for(ref, self.rcfg.depth_control_timeout_s)
-            return Verdict(Action(action), Reason(reason))
-        except Exception as exc:  # unreachable, restarting or timed out: local ceilings hold
-            log.warning("depth control unavailable (%s); deciding locally", type(exc).__name__)
-            return None
+    async def _expand(
+        self, request_id: str, prompt: list[int], spec: SamplingSpec, n: int
+    ) -> list[GenerateResult]:
+        """n children of one prompt in one engine request (shared prefix): Tree-of-Thought."""
+        results = await self.worker.generate_n.remote(request_id, prompt, spec.__dict__, n)
+        return [result_from_dict(r) for r in results]
 
-    def _plan(self, req: ChatRequest) -> tuple[RoundPlan, str]:
-        """The request's plan and why its tier: named by the request, or scored from its prompt."""
+    @staticmethod
+    async def _no_decide(*_: object) -> None:
+        return None
+
+    def _plan(self, req: ChatRequest, domain_threshold: float | None = None) -> tuple[RoundPlan, str, str]:
+        """The request's plan, why its tier and why its domain: named by the request, or scored
+        and detected from its prompt."""
         r = req.reasoning or ReasoningOptions()
         user_text = "\n".join(m.text() for m in req.messages if m.role == "user")
         tier, tier_reason = pick_tier(r.tier, user_text, self.complexity)
+        if r.domain is not None and r.domain not in self.domains.domains:
+            raise ApiError(
+                400,
+                f"unknown domain {r.domain!r}; use one of {', '.join(self.domains.domains)}",
+                param="reasoning.domain",
+            )
+        domain, domain_reason = (
+            (r.domain, "requested") if r.domain else detect_domain(user_text, self.domains)
+        )
         try:
             plan = make_plan(
                 self.tiers,
@@ -109,10 +127,56 @@ class Router:
                 max_rounds=r.max_rounds,
                 min_rounds=r.min_rounds,
                 confidence_threshold=r.confidence_threshold,
+                strategy=r.strategy,
+                domain=domain,
+                domain_threshold=domain_threshold,
+                tot=r.tot.model_dump(exclude_none=True) if r.tot else None,
             )
         except PlanError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc
-        return plan, tier_reason
+        return plan, tier_reason, domain_reason
+
+    async def _admit(
+        self, rid: str, key: str, req: ChatRequest, plan: RoundPlan, control: Control
+    ) -> RoundPlan:
+        """Admission by depth control: the domain's live threshold, ceilings lowered under pressure."""
+        adm = await self.control.admit(rid, key, plan, control)
+        if adm is None:
+            return plan
+        if adm["domain_threshold"] is not None:
+            plan, _, _ = self._plan(req, adm["domain_threshold"])
+        control.degraded, control.reasons = adm["degraded"], adm["reasons"]
+        if adm["max_rounds"] < plan.max_rounds or adm["min_rounds"] < plan.min_rounds:
+            plan = dataclasses.replace(
+                plan,
+                max_rounds=min(plan.max_rounds, adm["max_rounds"]),
+                min_rounds=min(plan.min_rounds, adm["min_rounds"]),
+                degraded=adm["degraded"],
+            )
+        return plan
+
+    async def _session(
+        self, rid: str, key: str, events: AsyncIterator[Event], control: Control
+    ) -> AsyncIterator[Event]:
+        """Pass the events through; whatever happens, tell depth control the session ended."""
+        record = None
+        try:
+            async for ev in events:
+                if isinstance(ev, Finished):
+                    o = ev.outcome
+                    last = o.rounds[-1] if o.rounds else None
+                    record = {
+                        "domain": o.plan.domain or self.domains.default_domain,
+                        "tier": o.plan.tier,
+                        "strategy": o.plan.strategy,
+                        "exit_reason": o.exit_reason.value,
+                        "confidence": None if last is None else last.confidence,
+                        "rounds": len(o.rounds),
+                        "completion_tokens": o.total_completion_tokens,
+                    }
+                yield ev
+        finally:
+            self.control.finish(rid, key, record)
 
     def _sampling(self, req: ChatRequest) -> SamplingSpec:
         cap = req.max_completion_tokens or req.max_tokens or self.rcfg.default_max_tokens
@@ -149,24 +213,93 @@ class Router:
             )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, req: ChatRequest):
+    async def chat_completions(self, req: ChatRequest, request: Request):
         self._validate(req)
-        (plan, tier_reason), sampling = self._plan(req), self._sampling(req)
+        (plan, tier_reason, domain_reason), sampling = self._plan(req), self._sampling(req)
         orch = await self._orch()
         conversation = req.conversation()
         try:
             first_prompt = orch.first_prompt(conversation)  # checked here: a 400 before any stream
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
-        rid = responses.new_id()
-        events = orch.run(rid, conversation, plan, sampling, first_prompt)
-        meta = responses.Meta(rid, self.model, int(time.time()), tier_reason)
+        rid, key, control = responses.new_id(), api_key_id(request.headers.get("authorization")), Control()
+        plan = await self._admit(rid, key, req, plan, control)
+        grant, release = self.control.nodes(rid, control)
+        events = self._session(
+            rid,
+            key,
+            orch.run(
+                rid,
+                conversation,
+                plan,
+                sampling,
+                first_prompt,
+                decide=self.control.decider(control),
+                grant_nodes=grant,
+                release_nodes=release,
+            ),
+            control,
+        )
+        meta = responses.Meta(rid, self.model, int(time.time()), tier_reason, domain_reason, control)
+        if plan.review:
+            # The verified answer is held for a human: 202 with the review's id, released on approval.
+            body = await responses.complete(events, meta)
+            review = await self.control.durable(
+                "create_review",
+                responses.review_id(rid),
+                rid,
+                plan.tier,
+                plan.domain or self.domains.default_domain,
+                responses.proposed(body),
+                body,
+            )
+            return JSONResponse(responses.review_view(review), status_code=202)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
                 responses.sse(events, meta, include_usage), media_type="text/event-stream"
             )
         return JSONResponse(await responses.complete(events, meta))
+
+    @app.post("/v1/feedback")
+    async def feedback(self, body: FeedbackRequest) -> JSONResponse:
+        """Was a completion's answer correct? Updates its domain's statistics (and threshold)."""
+        return JSONResponse(await self.control.durable("feedback", body.request_id, body.correct))
+
+    @app.get("/v1/domains")
+    async def list_domains(self) -> JSONResponse:
+        return JSONResponse(await self.control.durable("domains"))
+
+    @app.get("/v1/reviews")
+    async def list_reviews(self, status: str | None = None, limit: int = 100) -> JSONResponse:
+        if status is not None and status not in REVIEW_STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(REVIEW_STATUSES)}", param="status")
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, f"limit must be between 1 and 1000; got {limit}", param="limit")
+        rows = await self.control.durable("list_reviews", status, limit)
+        return JSONResponse({"object": "list", "data": [responses.review_view(r) for r in rows]})
+
+    @app.get("/v1/reviews/{review_id}")
+    async def get_review(self, review_id: str) -> JSONResponse:
+        row = await self.control.durable("get_review", review_id)
+        if row is None:
+            raise ApiError(404, f"no review {review_id!r}", param="review_id", code="not_found")
+        return JSONResponse(responses.review_view(row))
+
+    @app.post("/v1/reviews/{review_id}/approve")
+    async def approve(self, review_id: str, body: ReviewDecision | None = None) -> JSONResponse:
+        return await self._decide_review(review_id, True, body)
+
+    @app.post("/v1/reviews/{review_id}/reject")
+    async def reject(self, review_id: str, body: ReviewDecision | None = None) -> JSONResponse:
+        return await self._decide_review(review_id, False, body)
+
+    async def _decide_review(
+        self, review_id: str, approve: bool, body: ReviewDecision | None
+    ) -> JSONResponse:
+        body = body or ReviewDecision()
+        row = await self.control.durable("decide_review", review_id, approve, body.reviewer, body.note)
+        return JSONResponse(responses.review_view(row))
 
     @app.get("/v1/models")
     async def models(self) -> dict:

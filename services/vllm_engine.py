@@ -20,12 +20,14 @@ first, explicitly, and logs what it changed (`prepare_environment`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from services.engine import Engine, EngineInfo, GenerateDelta, SamplingSpec, TopLogprobs
+from services.engine import Engine, EngineInfo, GenerateDelta, GenerateResult, SamplingSpec, TopLogprobs
 from services.engine_config import EngineConfig
 
 if TYPE_CHECKING:
@@ -169,6 +171,40 @@ def to_delta(out: RequestOutput, prompt_tokens: int) -> GenerateDelta:
     )
 
 
+MAX_CHILDREN = 8
+
+
+@dataclasses.dataclass
+class _Child:
+    """One of n samples of a request, accumulated from DELTA outputs."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    ttft_ms: float = 0.0
+
+    def add(self, completion: Any, elapsed_ms: float) -> None:
+        if not self.token_ids and completion.token_ids:
+            self.ttft_ms = elapsed_ms
+        self.text.append(completion.text)
+        self.token_ids.extend(int(t) for t in completion.token_ids)
+        self.logprobs.extend(top_logprobs(completion.logprobs))
+        self.finish_reason = completion.finish_reason or self.finish_reason
+
+    def result(self, prompt_tokens: int, cached: int, latency_ms: float) -> GenerateResult:
+        return GenerateResult(
+            text="".join(self.text),
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached,
+            ttft_ms=self.ttft_ms,
+            latency_ms=latency_ms,
+        )
+
+
 class VllmEngine(Engine):
     """One model on one `AsyncLLM`. Safe to call concurrently from one event loop."""
 
@@ -228,6 +264,39 @@ class VllmEngine(Engine):
         except VLLMClientError as e:
             # Callers (and processes without vLLM installed) see a plain exception type.
             raise ValueError(f"request {request_id} rejected: {e}") from e
+
+    async def generate_n(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec, n: int
+    ) -> list[GenerateResult]:
+        """n samples of one prompt in one request: the prompt is prefilled once and its KV blocks
+        are shared by the children (Tree-of-Thought expansion). Child i is seeded seed + i."""
+        from vllm.exceptions import VLLMClientError
+
+        if not 1 <= n <= MAX_CHILDREN:
+            raise ValueError(f"n must be between 1 and {MAX_CHILDREN}, got {n}")
+        llm = self._require()
+        params = sampling_params(spec)
+        params.n = n
+        acc = [_Child() for _ in range(n)]
+        start = time.perf_counter()
+        finished = False
+        try:
+            stream = llm.generate(self._engine_input(prompt_token_ids), params, request_id)
+            try:
+                async for out in stream:
+                    elapsed = (time.perf_counter() - start) * 1000.0
+                    for completion in out.outputs:
+                        acc[completion.index].add(completion, elapsed)
+                    cached = int(out.num_cached_tokens or 0)
+                    finished = bool(out.finished)
+            finally:
+                if not finished:
+                    await stream.aclose()
+                    await self._abort_quietly(request_id)
+        except VLLMClientError as e:
+            raise ValueError(f"request {request_id} rejected: {e}") from e
+        latency = (time.perf_counter() - start) * 1000.0
+        return [c.result(len(prompt_token_ids), cached, latency) for c in acc]
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from services.engine import Engine, GenerateDelta, SamplingSpec
+from services.engine import Engine, GenerateDelta, GenerateResult, SamplingSpec
 from services.engine_config import EngineConfig
 
 log = logging.getLogger("ponder.worker")
@@ -37,6 +37,12 @@ def delta_from_dict(d: dict) -> GenerateDelta:
     return GenerateDelta(**d)
 
 
+def result_from_dict(d: dict) -> GenerateResult:
+    d = dict(d)
+    d["logprobs"] = [tuple(tuple(p) for p in t) for t in d["logprobs"]]
+    return GenerateResult(**d)
+
+
 @serve.deployment(name="ReasoningWorker")
 class ReasoningWorker:
     async def __init__(self, engine: dict) -> None:
@@ -48,14 +54,18 @@ class ReasoningWorker:
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], spec: dict
     ) -> AsyncIterator[dict]:
-        async for delta in self.engine.generate_stream(
-            request_id, prompt_token_ids, SamplingSpec(**spec)
-        ):
+        async for delta in self.engine.generate_stream(request_id, prompt_token_ids, SamplingSpec(**spec)):
             yield delta_to_dict(delta)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], spec: dict) -> dict:
         result = await self.engine.generate(request_id, prompt_token_ids, SamplingSpec(**spec))
         return dataclasses.asdict(result)
+
+    async def generate_n(
+        self, request_id: str, prompt_token_ids: list[int], spec: dict, n: int
+    ) -> list[dict]:
+        results = await self.engine.generate_n(request_id, prompt_token_ids, SamplingSpec(**spec), n)
+        return [dataclasses.asdict(r) for r in results]
 
     async def engine_info(self) -> dict:
         return dataclasses.asdict(self.info)

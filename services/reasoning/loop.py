@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from services.reasoning.signals import Signals
 from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict, decide
 
 
@@ -24,7 +25,7 @@ def round_role(plan: RoundPlan, index: int) -> StreamRole:
     done_after = index + 1
     if done_after >= plan.max_rounds:
         return StreamRole.FINAL
-    if done_after < plan.min_rounds or plan.confidence_threshold is None:
+    if done_after < plan.min_rounds or plan.rule() is None:
         return StreamRole.REASONING
     return StreamRole.UNDECIDED
 
@@ -41,6 +42,13 @@ class RoundRecord:
     ttft_ms: float
     decision: str = ""
     decided_by: str = ""
+    signals: Signals | None = None
+    answer: str | None = None  # the extracted, normalised final answer
+    detail: tuple[str, ...] = ()  # why the exit rule held or not
+    pruned: dict | None = None  # how this round's prompt was cut to fit the context, if it was
+
+    def signals_or_confidence(self) -> Signals | float | None:
+        return self.signals if self.signals is not None else self.confidence
 
     def summary(self) -> dict[str, object]:
         return {
@@ -53,7 +61,26 @@ class RoundRecord:
             "ttft_ms": round(self.ttft_ms, 2),
             "decision": self.decision,
             "decided_by": self.decided_by,
+            "answer": self.answer,
+            "signals": _signals_summary(self.signals),
+            "exit_rule": list(self.detail),
+            "pruned": self.pruned,
         }
+
+
+def _signals_summary(s: Signals | None) -> dict[str, object] | None:
+    if s is None:
+        return None
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 4)
+
+    return {
+        "lowest_group_confidence": r(s.lowest_group_confidence),
+        "tail_confidence": r(s.tail_confidence),
+        "mean_token_confidence": r(s.mean_token_confidence),
+        "stable_rounds": s.stable_rounds,
+    }
 
 
 @dataclass
@@ -70,9 +97,9 @@ class RoundLoop:
     def done(self) -> bool:
         return self.exit_reason is not None
 
-    def guarded(self, confidence: float | None) -> bool:
+    def guarded(self, signals: Signals | float | None) -> bool:
         """Whether the local guards alone decide the round about to be settled."""
-        local = decide(self.plan, len(self.rounds) + 1, confidence)
+        local = decide(self.plan, len(self.rounds) + 1, signals)
         return local.reason in (Reason.CEILING, Reason.MIN_ROUNDS)
 
     def settle(self, record: RoundRecord, remote: Verdict | None) -> Verdict:
@@ -80,10 +107,11 @@ class RoundLoop:
         if self.done:
             raise RuntimeError("the loop has already ended")
         self.rounds.append(record)
-        local = decide(self.plan, len(self.rounds), record.confidence)
+        local = decide(self.plan, len(self.rounds), record.signals_or_confidence())
         guarded = local.reason in (Reason.CEILING, Reason.MIN_ROUNDS)
         verdict = local if remote is None or guarded else remote
         record.decision = verdict.reason.value
+        record.detail = verdict.detail
         record.decided_by = (
             "local" if remote is None or (guarded and remote != local) else "depth_control"
         )

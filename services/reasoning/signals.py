@@ -78,6 +78,12 @@ class Signals:
     lowest_group_confidence: float | None
     tail_confidence: float | None
     n_tokens: int
+    stable_rounds: int = 0  # rounds, this one included, that ended on the same extracted answer
+
+    @classmethod
+    def of_confidence(cls, confidence: float | None) -> Signals:
+        """Signals carrying only an entropy confidence (callers that have nothing more)."""
+        return cls(confidence, None, None, None, 0)
 
     @classmethod
     def compute(
@@ -167,6 +173,18 @@ class ExitRule(BaseModel):
     mode: Literal["all", "any"] = Field(
         "all", description="all: every configured criterion must hold; any: one is enough."
     )
+
+    @property
+    def configured(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.min_entropy_confidence,
+                self.min_lowest_group_confidence,
+                self.min_tail_confidence,
+                self.stable_for,
+            )
+        )
 
     def satisfied(self, signals: Signals, stable_rounds: int) -> tuple[bool, list[str]]:
         """Whether the rule holds, and each configured criterion as a short held/failed string.

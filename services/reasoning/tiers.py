@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.reasoning.signals import ExitRule, Signals
+
 TIER_NAMES = ("low", "medium", "high", "critical")
+STRATEGIES = ("cot", "tot")
 # An absolute bound on any ceiling: a typo in a config must not let a loop run for hundreds of rounds.
 ABSOLUTE_MAX_ROUNDS = 16
 
@@ -23,11 +27,25 @@ class Tier(BaseModel):
     confidence_threshold: float | None = Field(
         ge=0.0, le=1.0, description="Exit once a round's confidence reaches this; null = never."
     )
+    exit_rule: ExitRule | None = Field(
+        None,
+        description="More exit criteria (DeepConf group/tail confidence, answer stability); the "
+        "threshold above is its entropy criterion. Null: the threshold alone decides.",
+    )
+    strategy: Literal["cot", "tot"] = Field("cot", description="cot: one chain; tot: Tree-of-Thought.")
+    tot: dict[str, Any] | None = Field(
+        None, description="Tree-of-Thought settings (services.reasoning.tot.TotConfig) for strategy tot."
+    )
+    review: bool = Field(False, description="Hold the answer for human review (HTTP 202).")
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Tier:
         if self.min_rounds > self.max_rounds:
             raise ValueError(f"min_rounds {self.min_rounds} > max_rounds {self.max_rounds}")
+        if self.tot is not None:
+            from services.reasoning.tot import TotConfig  # validated here: a typo fails at load
+
+            TotConfig.model_validate({**self.tot, "max_depth": self.max_rounds})
         return self
 
 
@@ -65,10 +83,25 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class RoundPlan:
+    """One request's reasoning plan. Plain data (JSON-able): it travels to the depth-control actor."""
+
     tier: str
     min_rounds: int
     max_rounds: int
     confidence_threshold: float | None
+    strategy: str = "cot"
+    domain: str | None = None
+    exit_rule: dict[str, Any] | None = None  # ExitRule fields beyond the entropy threshold
+    tot: dict[str, Any] | None = None  # TotConfig fields when strategy == "tot"
+    review: bool = False
+    degraded: bool = False
+
+    def rule(self) -> ExitRule | None:
+        """The effective exit rule: the tier's rule with this plan's entropy threshold; None = never."""
+        rule = ExitRule.model_validate(self.exit_rule or {})
+        if self.confidence_threshold is not None:
+            rule = rule.model_copy(update={"min_entropy_confidence": self.confidence_threshold})
+        return rule if rule.configured else None
 
 
 def make_plan(
@@ -78,6 +111,10 @@ def make_plan(
     max_rounds: int | None = None,
     min_rounds: int | None = None,
     confidence_threshold: float | None = None,
+    strategy: str | None = None,
+    domain: str | None = None,
+    domain_threshold: float | None = None,
+    tot: dict[str, int] | None = None,
 ) -> RoundPlan:
     """The plan for one request: its tier's policy, narrowed by the request's overrides.
 
@@ -102,8 +139,43 @@ def make_plan(
             f"reasoning.min_rounds must be between 1 and max_rounds ({ceiling}); got {floor}",
             "reasoning.min_rounds",
         )
-    threshold = t.confidence_threshold if confidence_threshold is None else confidence_threshold
-    return RoundPlan(name, floor, ceiling, threshold)
+    # Most specific wins: the request's threshold, then its domain's (calibrated), then the tier's.
+    threshold = next(
+        (x for x in (confidence_threshold, domain_threshold, t.confidence_threshold) if x is not None), None
+    )
+    strategy = strategy or t.strategy
+    if strategy not in STRATEGIES:
+        raise PlanError(
+            f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}", "reasoning.strategy"
+        )
+    return RoundPlan(
+        name,
+        floor,
+        ceiling,
+        threshold,
+        strategy=strategy,
+        domain=domain,
+        exit_rule=t.exit_rule.model_dump(exclude_none=True) if t.exit_rule else None,
+        tot=_narrow_tot(name, t.tot or {}, tot or {}) if strategy == "tot" else None,
+        review=t.review,
+    )
+
+
+def _narrow_tot(tier: str, base: dict[str, Any], overrides: dict[str, int]) -> dict[str, Any]:
+    """The tier's ToT budgets, narrowed by the request's; a request may not widen them. The depth
+    bound is the plan's round ceiling (a path of the tree is a chain of rounds), set by the caller."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        limit = base.get(key)
+        if limit is not None and value > limit:
+            raise PlanError(
+                f"reasoning.tot.{key} must be at most {limit} for tier {tier!r}; got {value}",
+                f"reasoning.tot.{key}",
+            )
+        out[key] = value
+    return out
 
 
 class Action(StrEnum):
@@ -117,25 +189,35 @@ class Reason(StrEnum):
     CONFIDENCE = "confidence"  # exit: confident enough
     CEILING = "ceiling"  # exit: hard round ceiling reached
     CONTEXT = "context_limit"  # exit: the next round would not fit the model's context
+    NODE_BUDGET = "node_budget"  # exit (Tree-of-Thought): node budget spent or not granted
 
 
 @dataclass(frozen=True)
 class Verdict:
     action: Action
     reason: Reason
+    detail: tuple[str, ...] = field(default=(), compare=False)  # the exit rule's criteria, explained
 
     @property
     def exit(self) -> bool:
         return self.action is Action.EXIT
 
 
-def decide(plan: RoundPlan, rounds_done: int, confidence: float | None) -> Verdict:
-    """Continue or exit after `rounds_done` completed rounds, the last with `confidence`."""
+def decide(plan: RoundPlan, rounds_done: int, signals: Signals | float | None) -> Verdict:
+    """Continue or exit after `rounds_done` completed rounds, the last with these signals (a bare
+    float is its entropy confidence). The ceiling and min_rounds come first: no signal bypasses them."""
     if rounds_done >= plan.max_rounds:
         return Verdict(Action.EXIT, Reason.CEILING)
     if rounds_done < plan.min_rounds:
         return Verdict(Action.CONTINUE, Reason.MIN_ROUNDS)
-    threshold = plan.confidence_threshold
-    if threshold is not None and confidence is not None and confidence >= threshold:
-        return Verdict(Action.EXIT, Reason.CONFIDENCE)
-    return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD)
+    rule = plan.rule()
+    if rule is None or signals is None:
+        return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD)
+    if not isinstance(signals, Signals):
+        signals = Signals.of_confidence(signals)
+    ok, detail = rule.satisfied(signals, signals.stable_rounds)
+    return Verdict(
+        Action.EXIT if ok else Action.CONTINUE,
+        Reason.CONFIDENCE if ok else Reason.BELOW_THRESHOLD,
+        tuple(detail),
+    )

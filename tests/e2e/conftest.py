@@ -8,8 +8,10 @@ from services.config import DEFAULT_CONFIG, AppConfig
 
 
 @pytest.fixture(scope="session")
-def app_config() -> AppConfig:
+def app_config(tmp_path_factory) -> AppConfig:
     cfg = AppConfig.load(DEFAULT_CONFIG)
+    # Durable control state (reviews, feedback, budgets) in a fresh folder, never the user's.
+    cfg.depth_control.state_dir = str(tmp_path_factory.mktemp("ponder-state"))
     cfg.engine.model = DEFAULT_MODEL
     cfg.engine.model_path = str(ensure_model(DEFAULT_MODEL))
     cfg.engine.max_model_len = 2048

@@ -74,7 +74,7 @@ def test_min_rounds_hold_when_confidence_is_maximal(client, app_config):
     resp = ask(
         client,
         app_config.engine.model,
-        {"tier": "high", "min_rounds": 3, "confidence_threshold": 0.0},
+        {"tier": "high", "strategy": "cot", "min_rounds": 3, "confidence_threshold": 0.0},
         max_tokens=16,
     )
     summary = resp.model_extra["reasoning"]
@@ -86,7 +86,7 @@ def test_max_rounds_hold_when_confidence_is_low(client, app_config):
     resp = ask(
         client,
         app_config.engine.model,
-        {"tier": "high", "max_rounds": 3, "confidence_threshold": 1.0},
+        {"tier": "high", "strategy": "cot", "max_rounds": 3, "confidence_threshold": 1.0},
         max_tokens=16,
     )
     summary = resp.model_extra["reasoning"]
@@ -249,20 +249,25 @@ def test_ponder_chat_reports_http_errors_and_unreachable_servers(base_url, capsy
     assert "is `ponder serve` running?" in capsys.readouterr().err
 
 
-def test_tier_is_scored_from_the_prompt_unless_named(client, app_config):
+def test_tier_is_scored_from_the_prompt_unless_named(client, http, app_config):
     from services.reasoning.complexity import ComplexityConfig, score
 
     complexity = ComplexityConfig.load(app_config.router.complexity_file)
     model = app_config.engine.model
-    for question in (
-        "Name the capital of France.",
-        "What dosage of ibuprofen is safe for a patient with kidney disease?",
-    ):
-        expected = score(question, complexity)
-        summary = ask(client, model, {"max_rounds": 1}, question=question, max_tokens=4).model_extra[
-            "reasoning"
-        ]
-        assert (summary["tier"], summary["tier_reason"]) == (expected.tier, expected.reason)
+    simple = "Name the capital of France."
+    expected = score(simple, complexity)
+    summary = ask(client, model, {"max_rounds": 1}, question=simple, max_tokens=4).model_extra["reasoning"]
+    assert (summary["tier"], summary["tier_reason"]) == (expected.tier, expected.reason)
+    # a medical prompt scores critical: its answer is held for review (HTTP 202)
+    medical = "What dosage of ibuprofen is safe for a patient with kidney disease?"
+    expected = score(medical, complexity)
     assert expected.tier == "critical" and "medical" in expected.reason
+    body = {"model": model, "messages": [{"role": "user", "content": medical}], "max_tokens": 4,
+            "temperature": 0, "reasoning": {"max_rounds": 1}}
+    held = http.post("/v1/chat/completions", json=body)
+    assert held.status_code == 202, held.text
+    summary = held.json()["proposed"]["reasoning"]
+    got = (summary["tier"], summary["tier_reason"], summary["domain"])
+    assert got == ("critical", expected.reason, "medical")
     named = ask(client, model, {"tier": "high", "max_rounds": 1}, max_tokens=4).model_extra["reasoning"]
     assert (named["tier"], named["tier_reason"]) == ("high", "requested")

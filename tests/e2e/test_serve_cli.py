@@ -24,6 +24,8 @@ def _config(tmp_path: Path, port: int) -> Path:
     raw["engine"].update(model=TINY_MODEL, kv_cache_memory_bytes=64 << 20, max_model_len=1024)
     raw["depth_control"]["tiers_file"] = str(DEFAULT_CONFIG.parent / "tiers.yaml")
     raw["router"]["complexity_file"] = str(DEFAULT_CONFIG.parent / "complexity.yaml")
+    raw["depth_control"]["domains_file"] = str(DEFAULT_CONFIG.parent / "domains.yaml")
+    raw["depth_control"]["state_dir"] = str(tmp_path / "state")
     raw["ray"]["dashboard"] = False
     raw["http"]["port"] = port
     path = tmp_path / "serve.yaml"
@@ -42,31 +44,63 @@ def _wait_ready(proc: subprocess.Popen, deadline: float) -> list[str]:
     raise AssertionError("ponder serve did not become ready:\n" + "".join(lines))
 
 
-def test_serve_answers_then_sigterm_stops_ray(tmp_path):
-    ensure_model(TINY_MODEL)
-    port = free_port()
+def _start(config: Path) -> tuple[subprocess.Popen, list[str]]:
     ponder = Path(sys.executable).with_name("ponder")
     proc = subprocess.Popen(
-        [str(ponder), "serve", "--config", str(_config(tmp_path, port))],
+        [str(ponder), "serve", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
     )
     try:
-        lines = _wait_ready(proc, time.monotonic() + 300)
-        assert any(f"http://127.0.0.1:{port}/v1" in ln for ln in lines)
+        return proc, _wait_ready(proc, time.monotonic() + 300)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    return rest
+
+
+def test_serve_answers_then_sigterm_stops_ray_and_reviews_survive_a_restart(tmp_path):
+    ensure_model(TINY_MODEL)
+    port = free_port()
+    config = _config(tmp_path, port)
+    url = f"http://127.0.0.1:{port}"
+    proc, lines = _start(config)
+    try:
+        assert any(f"{url}/v1" in ln for ln in lines)
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in descendants if p.is_running())
         body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hello"}],
                 "max_tokens": 4, "temperature": 0, "reasoning": {"tier": "low", "max_rounds": 2}}
-        resp = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
         assert 1 <= len(resp.json()["reasoning"]["rounds"]) <= 2
+        # a critical answer is held for review (202) ...
+        held = httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                          json=body | {"reasoning": {"tier": "critical", "max_rounds": 1}})
+        assert held.status_code == 202, held.text
+        review_id = held.json()["id"]
 
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, rest
+        rest = _stop(proc)
         assert "stopped." in rest
         _, alive = psutil.wait_procs(descendants, timeout=30)
         assert not alive, [p.cmdline()[:2] for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # ... and is still pending after the whole server restarted, then released on approval
+    proc, _ = _start(config)
+    try:
+        got = httpx.get(f"{url}/v1/reviews/{review_id}", timeout=60).json()
+        assert got["status"] == "pending" and got["completion"] is None
+        approved = httpx.post(f"{url}/v1/reviews/{review_id}/approve", timeout=60)
+        assert approved.status_code == 200, approved.text
+        assert approved.json()["completion"]["choices"][0]["message"]["content"] == got["proposed"]["content"]
+        _stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,7 +7,7 @@ import pytest
 
 from services.engine import SamplingSpec
 from services.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta
-from services.reasoning.prompts import Message
+from services.reasoning.prompts import Message, round_messages
 from services.reasoning.tiers import RoundPlan, TierTable, decide, make_plan
 from services.tokenizer import HfTokenizer
 
@@ -64,7 +64,7 @@ def test_min_rounds_hold_under_maximal_confidence(loop, orchestrator, tiers):
 
 
 def test_max_rounds_hold_under_low_confidence(loop, orchestrator, tiers):
-    plan = make_plan(tiers, "high", confidence_threshold=1.0)
+    plan = make_plan(tiers, "high", strategy="cot", confidence_threshold=1.0)
     outcome = run(loop, orchestrator, plan, QUESTIONS[0], max_tokens=8)[-1].outcome
     assert len(outcome.rounds) == plan.max_rounds == 6
     assert outcome.exit_reason.value == "ceiling"
@@ -86,3 +86,69 @@ def test_stream_order_and_text(loop, orchestrator, tiers):
     outcome = events[-1].outcome
     assert isinstance(events[-1], Finished)
     assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == outcome.content
+
+
+def test_tot_on_the_real_engine_keeps_budgets_under_concurrency(loop, engine, model_dir, tiers):
+    """Several ToT requests share one node budget (the depth-control policy, in process): no request
+    exceeds its node or depth budget and the shared cap is never exceeded."""
+    import asyncio
+
+    from services.orchestrator import local_decide
+    from services.reasoning.budgets import BudgetConfig, Budgets
+
+    budgets = Budgets(BudgetConfig(max_tot_nodes_in_flight=2))
+    peak = [0]
+    info = loop.run(engine.start())
+    orch = Orchestrator(
+        engine.generate_stream,
+        local_decide,
+        HfTokenizer(str(model_dir)),
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        expand=engine.generate_n,
+    )
+    plan = make_plan(tiers, "high", max_rounds=3, min_rounds=2, tot={"branching": 2, "max_total_nodes": 4})
+
+    async def one(i: int):
+        sid = f"tot-{i}"
+        budgets.admit(sid, api_key="k", tier="high", min_rounds=2, max_rounds=3, now=0)
+
+        async def grant(wanted: int) -> int:
+            while (g := budgets.grant_nodes(sid, wanted, now=0)) == 0:
+                await asyncio.sleep(0.01)  # polling the shared budget, as DepthClient does
+            peak[0] = max(peak[0], budgets.nodes_in_flight)
+            return g
+
+        async def release(n: int) -> None:
+            budgets.release_nodes(sid, n, now=0)
+
+        spec = SamplingSpec(max_tokens=8, temperature=0.8, seed=i, top_logprobs=5)
+        conv = [Message("user", QUESTIONS[i % len(QUESTIONS)])]
+        events = [e async for e in orch.run(sid, conv, plan, spec, grant_nodes=grant, release_nodes=release)]
+        return events[-1].outcome
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(3)))
+
+    outcomes = loop.run(all_of_them())
+    assert 1 <= peak[0] <= 2 and budgets.nodes_in_flight == 0
+    for o in outcomes:
+        assert o.plan.strategy == "tot" and 1 <= o.tot["nodes"] <= 4 and o.tot["depth"] <= 3
+        assert len(o.rounds) == len(o.tot["best_path"]) and o.content == o.rounds[-1].text
+        assert o.all_completion_tokens >= sum(r.completion_tokens for r in o.rounds)
+
+
+def test_context_pruning_with_the_real_tokenizer(model_dir):
+    from services.reasoning.pruning import fit_transcript
+
+    tok = HfTokenizer(str(model_dir))
+    conv = [Message("user", QUESTIONS[0])]
+    rounds = [("Let me think. " * 30) + f"Final answer: {40 + i}" for i in range(3)]
+    full = len(tok.render(round_messages(conv, rounds)))
+    for budget in (full, full - 50, full - 150):
+        p = fit_transcript(conv, rounds, budget, lambda m: len(tok.render(m)))
+        rendered = tok.render(p.messages)
+        assert p.tokens == len(rendered) <= budget  # exact, from the chat template
+        assert rounds[-1] in tok.decode(rendered)  # the latest round stays verbatim
+        assert QUESTIONS[0] in tok.decode(rendered)
+    assert not fit_transcript(conv, rounds, full, lambda m: len(tok.render(m))).pruned

@@ -286,3 +286,22 @@ def test_rejected_requests_raise_value_error(
     ok = _run(loop, engine.generate(_rid(), prompt, SamplingSpec(max_tokens=2)))
     assert len(ok.token_ids) == 2
     assert _run(loop, _until_idle(engine)) == 0
+
+
+def test_generate_n_samples_children_of_one_prompt(
+    engine: VllmEngine, loop: asyncio.Runner, prompt: list[int]
+) -> None:
+    spec = SamplingSpec(max_tokens=8, temperature=1.0, seed=5, top_logprobs=3)
+    children = loop.run(engine.generate_n("n3", prompt, spec, 3))
+    assert len(children) == 3
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 and c.prompt_tokens == len(prompt) for c in children)
+    assert len({tuple(c.token_ids) for c in children}) > 1  # distinct seeds: distinct samples
+    again = loop.run(engine.generate_n("n3b", prompt, spec, 3))
+    assert [c.token_ids for c in again] == [c.token_ids for c in children]  # seeded: reproducible
+    # child i is sampled with seed + i: child 1 equals a single request seeded 6
+    single = loop.run(
+        engine.generate("s6", prompt, SamplingSpec(max_tokens=8, temperature=1.0, seed=6, top_logprobs=3))
+    )
+    assert single.token_ids == children[1].token_ids
+    with pytest.raises(ValueError, match="n must be"):
+        loop.run(engine.generate_n("n0", prompt, spec, 0))

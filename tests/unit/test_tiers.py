@@ -42,13 +42,64 @@ def test_table_rejects_unknown_or_missing_tiers(tmp_path):
         TierTable.model_validate(raw)
 
 
+def _core(p: RoundPlan) -> tuple:
+    return (p.tier, p.min_rounds, p.max_rounds, p.confidence_threshold)
+
+
 def test_plan_defaults_and_overrides(table):
-    assert make_plan(table) == RoundPlan("medium", 3, 4, 0.82)
-    assert make_plan(table, "low") == RoundPlan("low", 1, 2, 0.82)
-    assert make_plan(table, "high", max_rounds=2) == RoundPlan("high", 2, 2, 0.82)
-    assert make_plan(table, "medium", min_rounds=1, confidence_threshold=0.5) == RoundPlan(
-        "medium", 1, 4, 0.5
+    assert _core(make_plan(table)) == ("medium", 3, 4, 0.82)
+    assert _core(make_plan(table, "low")) == ("low", 1, 2, 0.82)
+    assert _core(make_plan(table, "high", max_rounds=2)) == ("high", 2, 2, 0.82)
+    assert _core(make_plan(table, "medium", min_rounds=1, confidence_threshold=0.5)) == (
+        "medium",
+        1,
+        4,
+        0.5,
     )
+
+
+def test_plan_carries_the_tiers_strategy_rule_and_review(table):
+    medium, high, critical = (make_plan(table, t) for t in ("medium", "high", "critical"))
+    assert (medium.strategy, medium.exit_rule) == ("cot", {"stable_for": 2, "mode": "any"})
+    assert high.strategy == "tot" and high.tot["branching"] == 2 and high.tot["max_total_nodes"] == 10
+    assert critical.review and not medium.review
+    assert make_plan(table, "high", strategy="cot").tot is None  # a request may ask for a plain chain
+
+
+def test_threshold_precedence_request_then_domain_then_tier(table):
+    assert make_plan(table, "medium").confidence_threshold == 0.82
+    assert make_plan(table, "medium", domain_threshold=0.7).confidence_threshold == 0.7
+    assert (
+        make_plan(table, "medium", domain_threshold=0.7, confidence_threshold=0.95).confidence_threshold
+        == 0.95
+    )
+
+
+def test_tot_overrides_narrow_never_widen(table):
+    assert make_plan(table, "high", tot={"branching": 1, "max_total_nodes": 4}).tot["branching"] == 1
+    with pytest.raises(PlanError) as err:
+        make_plan(table, "high", tot={"max_total_nodes": 11})
+    assert err.value.param == "reasoning.tot.max_total_nodes"
+    with pytest.raises(PlanError, match="unknown strategy"):
+        make_plan(table, "high", strategy="mcts")
+
+
+def test_exit_rule_any_exits_on_a_stable_answer_all_needs_both():
+    from services.reasoning.signals import Signals
+
+    unsure_but_stable = Signals(0.5, None, None, None, 40, stable_rounds=2)
+    sure_not_stable = Signals(0.95, None, None, None, 40, stable_rounds=1)
+    any_plan = RoundPlan("medium", 3, 4, 0.82, exit_rule={"stable_for": 2, "mode": "any"})
+    all_plan = RoundPlan("critical", 5, 6, 0.9, exit_rule={"stable_for": 2, "mode": "all"})
+    v = decide(any_plan, 3, unsure_but_stable)
+    assert v.reason is Reason.CONFIDENCE and "stable_rounds 2 >= 2" in v.detail
+    assert decide(any_plan, 3, sure_not_stable).reason is Reason.CONFIDENCE
+    assert decide(all_plan, 5, unsure_but_stable).reason is Reason.BELOW_THRESHOLD
+    assert decide(all_plan, 5, sure_not_stable).reason is Reason.BELOW_THRESHOLD
+    both = Signals(0.95, None, None, None, 40, stable_rounds=3)
+    assert decide(all_plan, 5, both).reason is Reason.CONFIDENCE
+    # min_rounds is never bypassed, whatever the signals
+    assert decide(all_plan, 4, both).reason is Reason.MIN_ROUNDS
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,105 @@
+"""The depth-control actor's class without Ray: admission, decisions, node grants, checkpointed state
+resumed by a new instance (what Ray's restart does), feedback and reviews on its SQLite store."""
+
+import pytest
+
+from services.config import DEFAULT_CONFIG, AppConfig
+from services.control import Control, api_key_id
+from services.depth_control import DepthControl
+from services.reasoning.signals import Signals
+from services.reasoning.tiers import make_plan
+from services.state import FeedbackExistsError, ReviewDecidedError, UnknownRequestError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    c = AppConfig.load(DEFAULT_CONFIG).depth_control
+    c.state_dir = str(tmp_path)
+    c.budgets.max_deep_sessions = 1
+    c.budgets.max_tot_nodes_in_flight = 3
+    return c.model_dump()
+
+
+def test_a_restarted_actor_resumes_sessions_nodes_and_counters(cfg):
+    clock = Clock()
+    a = DepthControl(cfg, "cluster-1", clock)
+    first = a.admit("s1", "k", "medium", 3, 4, "general")
+    assert first["degraded"] is False and first["max_rounds"] == 4
+    assert a.grant_nodes("s1", 2) == 2
+    plan = make_plan(a.table, "medium")
+    a.decide(plan.__dict__, 1, None)
+    b = DepthControl(cfg, "cluster-1", clock)  # Ray re-runs __init__ with the same arguments
+    assert b.starts == 2
+    assert b.stats()["decisions"] == {"min_rounds": 1}
+    assert b.budgets.stats(clock())["tot_nodes_in_flight"] == 2
+    assert b.grant_nodes("s1", 2) == 1  # cap 3, 2 still in flight from before the restart
+    second = b.admit("s2", "k", "medium", 3, 4, "general")  # s1 still holds the one deep slot
+    assert second["degraded"] is True and second["max_rounds"] == 2
+    c = DepthControl(cfg, "cluster-2", clock)  # a new cluster: its sessions' routers are gone
+    assert c.budgets.stats(clock())["tot_nodes_in_flight"] == 0
+    assert c.stats()["decisions"] == {"min_rounds": 1, "degraded": 1}  # survive a cluster restart
+
+
+def test_decide_narrows_to_the_tier_ceiling_and_never_skips_min_rounds(cfg):
+    a = DepthControl(cfg, "c", Clock())
+    plan = make_plan(a.table, "medium").__dict__ | {"max_rounds": 9}  # a router may not widen
+    sure = Signals(1.0, None, None, None, 10, stable_rounds=5).__dict__
+    assert a.decide(plan, 2, sure)[:2] == ("continue", "min_rounds")
+    assert a.decide(plan, 3, sure)[:2] == ("exit", "confidence")
+    assert a.decide(plan, 4, None)[:2] == ("exit", "ceiling")
+
+
+def test_feedback_needs_a_finished_request_and_is_once_only(cfg):
+    a = DepthControl(cfg, "c", Clock())
+    with pytest.raises(UnknownRequestError):
+        a.feedback("chatcmpl-x", True)
+    a.admit("chatcmpl-x", "k", "low", 1, 2, "math")
+    record = {
+        "domain": "math",
+        "tier": "low",
+        "strategy": "cot",
+        "exit_reason": "confidence",
+        "confidence": 0.9,
+        "rounds": 1,
+        "completion_tokens": 12,
+    }
+    a.finish("chatcmpl-x", "k", record)
+    out = a.feedback("chatcmpl-x", True)
+    assert out["domain"] == "math" and out["threshold"] is not None
+    with pytest.raises(FeedbackExistsError):
+        a.feedback("chatcmpl-x", False)
+    assert a.budgets.stats(a.clock())["sessions"] == 0
+
+
+def test_reviews_survive_a_restart_and_decide_once(cfg):
+    clock = Clock()
+    a = DepthControl(cfg, "c", clock)
+    a.create_review("review-1", "chatcmpl-1", "critical", "medical", {"content": "x"}, {"id": "chatcmpl-1"})
+    b = DepthControl(cfg, "c2", clock)
+    assert [r["id"] for r in b.list_reviews("pending", 10)] == ["review-1"]
+    assert b.decide_review("review-1", True, "dr", None)["status"] == "approved"
+    with pytest.raises(ReviewDecidedError):
+        b.decide_review("review-1", False, None, None)
+
+
+def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
+    assert api_key_id(None) == api_key_id("Basic x") == "anonymous"
+    k = api_key_id("Bearer sk-secret")
+    assert k.startswith("key-") and "sk-secret" not in k and k == api_key_id("bearer sk-secret")
+    c = Control()
+    assert c.summary()["depth_control"] == "ok" and not c.summary()["local_ceilings"]
+    c.local_decisions = 1
+    assert c.summary() | {"degraded_reasons": []} == {
+        "depth_control": "unreachable",
+        "local_ceilings": True,
+        "degraded": False,
+        "degraded_reasons": [],
+    }
