@@ -22,10 +22,10 @@ SCHEMA_VERSION = 1
 REVIEW_STATUSES = ("pending", "approved", "rejected")
 
 # Feedback copies the request's signals, so it outlives request retention (thresholds learn from it).
-_SCHEMA = """
+_SCHEMA = f"""
 BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-INSERT INTO schema_version SELECT {version} WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+INSERT INTO schema_version SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version);
 CREATE TABLE IF NOT EXISTS checkpoints (key TEXT PRIMARY KEY, value TEXT NOT NULL, saved_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, domain TEXT NOT NULL, tier TEXT NOT NULL, strategy TEXT NOT NULL,
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     proposed TEXT NOT NULL, completion TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS reviews_status ON reviews (status, created_at);
 COMMIT;
-""".format(version=SCHEMA_VERSION)
+"""
 
 
 class StateError(Exception):

@@ -2,22 +2,25 @@
 
 The depth-control actor admits every reasoning session here and grants Tree-of-Thought nodes. Under
 pressure it degrades instead of refusing: a session that would exceed a budget gets a lower round
-ceiling and is told so (`degraded`). Budgets:
-- deep sessions in flight (plans whose ceiling is at least `deep_rounds`),
+ceiling and is told why (`Admission.degraded`, `reasons`). Budgets:
+- deep sessions in flight (admitted with a ceiling of at least `deep_rounds`),
 - ToT children being generated at once, cluster-wide,
 - completion tokens per minute per API key (a sliding window of per-second buckets).
 Sessions hold a lease renewed by every call that names them, so a router that died cannot hold a
-slot forever. API keys arrive already hashed (services.control.api_key_id): raw keys never get here.
+slot or nodes forever. API keys arrive already hashed (`services.control.api_key_id`): a raw key is
+never passed in, stored or checkpointed here.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WINDOW_S = 60
+SNAPSHOT_VERSION = 1
+_COUNTERS = ("degraded_admissions", "untracked_admissions", "partial_grants", "denied_grants")
 
 
 class BudgetConfig(BaseModel):
@@ -25,21 +28,35 @@ class BudgetConfig(BaseModel):
 
     max_deep_sessions: int = Field(8, ge=1, le=100_000, description="Deep sessions in flight at once.")
     deep_rounds: int = Field(
-        4, ge=1, le=16, description="A session is deep when its ceiling is this or more."
+        4, ge=2, le=64, description="A session is deep when its granted ceiling is this many rounds or more."
     )
     max_tot_nodes_in_flight: int = Field(
-        6, ge=1, le=100_000, description="Tree-of-Thought children generated at once, cluster-wide."
+        6, ge=1, le=100_000, description="Tree-of-Thought children being generated at once, cluster-wide."
     )
     tokens_per_minute_per_key: int | None = Field(
         200_000,
         ge=1,
-        description="Completion tokens per minute per API key before degrading; null = no limit.",
+        description="Completion tokens per minute per API key before its sessions degrade; null = no limit.",
     )
     degraded_max_rounds: int = Field(
-        2, ge=1, le=16, description="Ceiling of a session admitted under pressure."
+        2, ge=1, le=63, description="Round ceiling of a session admitted under pressure (shallow)."
     )
-    session_ttl_s: float = Field(600.0, gt=0, le=86_400, description="A lease not renewed this long expires.")
-    max_sessions: int = Field(10_000, ge=1, le=10_000_000, description="Sessions tracked at once.")
+    session_ttl_s: float = Field(
+        600.0, gt=0, le=86_400, description="A session lease not renewed this long expires and is released."
+    )
+    max_sessions: int = Field(
+        10_000, ge=1, le=10_000_000, description="Sessions tracked at once; beyond it admission degrades."
+    )
+
+    @model_validator(mode="after")
+    def _degraded_is_shallow(self) -> BudgetConfig:
+        # Otherwise a session degraded for lack of a deep slot would take one anyway.
+        if self.degraded_max_rounds >= self.deep_rounds:
+            raise ValueError(
+                f"degraded_max_rounds ({self.degraded_max_rounds}) must be below "
+                f"deep_rounds ({self.deep_rounds})"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -62,12 +79,13 @@ class _Session:
 
 @dataclass
 class _Window:
-    """Tokens per second over the last minute: at most WINDOW_S buckets per key."""
+    """Tokens per second over the last minute: at most WINDOW_S (second, tokens) buckets."""
 
     buckets: deque[tuple[int, int]] = field(default_factory=deque)
 
     def add(self, tokens: int, now: float) -> None:
-        sec = int(now)
+        # A clock that steps back adds to the newest bucket, so buckets stay ordered.
+        sec = max(int(now), self.buckets[-1][0]) if self.buckets else int(now)
         if self.buckets and self.buckets[-1][0] == sec:
             self.buckets[-1] = (sec, self.buckets[-1][1] + tokens)
         else:
@@ -84,84 +102,118 @@ class _Window:
 
 
 class Budgets:
+    """Sessions are kept in lease order (least recently renewed first), so `expire` stops at the
+    first live one; the deep-slot and node totals are kept as counters."""
+
     def __init__(self, cfg: BudgetConfig) -> None:
         self.cfg = cfg
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.windows: dict[str, _Window] = {}
+        self._deep = 0
+        self._nodes = 0
         self.degraded_admissions = 0
+        self.untracked_admissions = 0
         self.partial_grants = 0
+        self.denied_grants = 0
         # Sessions denied nodes, oldest first: freed nodes go to them in order, so one busy search
         # cannot starve the others by re-taking its nodes the moment it releases them.
         self.waiting: list[str] = []
 
-    # --- admission ---------------------------------------------------------------------------
-
     @property
     def deep_in_flight(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.deep)
+        return self._deep
 
     @property
     def nodes_in_flight(self) -> int:
-        return sum(s.nodes for s in self.sessions.values())
+        return self._nodes
+
+    def _touch(self, session_id: str, now: float) -> _Session | None:
+        s = self.sessions.get(session_id)
+        if s is not None:
+            s.seen = now
+            self.sessions.move_to_end(session_id)
+        return s
+
+    def _drop(self, session_id: str) -> None:
+        if session_id in self.waiting:
+            self.waiting.remove(session_id)
+        s = self.sessions.pop(session_id, None)
+        if s is not None:
+            self._deep -= s.deep
+            self._nodes -= s.nodes
+
+    # --- admission ---------------------------------------------------------------------------
 
     def admit(
         self, session_id: str, *, api_key: str, tier: str, min_rounds: int, max_rounds: int, now: float
     ) -> Admission:
-        """Admit a session; idempotent (a retried call gets the first answer). Never refuses."""
-        existing = self.sessions.get(session_id)
+        """Admit a session; never refuses. Idempotent: a retried call gets the first answer.
+        `api_key` is the caller's hashed key id, never the raw key."""
+        if max_rounds < 1 or min_rounds < 0:
+            raise ValueError(f"rounds must be max >= 1, min >= 0; got max {max_rounds}, min {min_rounds}")
+        existing = self._touch(session_id, now)
         if existing is not None:
-            existing.seen = now
             return existing.admission
-        reasons: list[str] = []
-        deep = max_rounds >= self.cfg.deep_rounds
-        if deep and self.deep_in_flight >= self.cfg.max_deep_sessions:
-            reasons.append(f"deep_sessions {self.deep_in_flight}/{self.cfg.max_deep_sessions}")
-        limit = self.cfg.tokens_per_minute_per_key
-        used = self.tokens_last_minute(api_key, now)
-        if limit is not None and used >= limit:
-            reasons.append(f"tokens_per_minute {used}/{limit} for key {api_key}")
-        if len(self.sessions) >= self.cfg.max_sessions:
-            reasons.append(f"sessions {len(self.sessions)}/{self.cfg.max_sessions}")
+        reasons = self._pressure(api_key, max_rounds, now)
         if reasons:
             ceiling = min(max_rounds, self.cfg.degraded_max_rounds)
             admission = Admission(ceiling, min(min_rounds, ceiling), True, tuple(reasons))
             self.degraded_admissions += 1
-            deep = ceiling >= self.cfg.deep_rounds
         else:
             admission = Admission(max_rounds, min(min_rounds, max_rounds), False)
-        if len(self.sessions) < self.cfg.max_sessions:  # beyond the cap: admitted, not tracked
-            self.sessions[session_id] = _Session(api_key, tier, admission, deep, seen=now)
+        if len(self.sessions) >= self.cfg.max_sessions:
+            self.untracked_admissions += 1  # admitted, degraded, but holds nothing (no ToT nodes)
+            return admission
+        deep = admission.max_rounds >= self.cfg.deep_rounds
+        self.sessions[session_id] = _Session(api_key, tier, admission, deep, seen=now)
+        self._deep += deep
         return admission
+
+    def _pressure(self, api_key: str, max_rounds: int, now: float) -> list[str]:
+        """Why a new session must be shallow; empty when it may have what it asked for."""
+        cfg, reasons = self.cfg, []
+        if max_rounds >= cfg.deep_rounds and self._deep >= cfg.max_deep_sessions:
+            reasons.append(f"deep_sessions {self._deep}/{cfg.max_deep_sessions}")
+        limit = cfg.tokens_per_minute_per_key
+        if limit is not None and (used := self.tokens_last_minute(api_key, now)) >= limit:
+            reasons.append(f"tokens_per_minute {used}/{limit} for key {api_key}")
+        if len(self.sessions) >= cfg.max_sessions:
+            reasons.append(f"sessions {len(self.sessions)}/{cfg.max_sessions}")
+        return reasons
 
     # --- Tree-of-Thought nodes ---------------------------------------------------------------
 
     def grant_nodes(self, session_id: str, wanted: int, now: float) -> int:
-        s = self.sessions.get(session_id)
+        """0..wanted children this session may generate now; they count until released."""
+        s = self._touch(session_id, now)
         if s is None or wanted <= 0:
             return 0
-        s.seen = now
-        free = self.cfg.max_tot_nodes_in_flight - self.nodes_in_flight
         first_in_line = not self.waiting or self.waiting[0] == session_id
-        granted = max(0, min(wanted, free)) if first_in_line else 0
-        if granted < wanted:
-            self.partial_grants += 1
+        granted = max(0, min(wanted, self.cfg.max_tot_nodes_in_flight - self._nodes)) if first_in_line else 0
         if granted == 0:
+            self.denied_grants += 1
             if session_id not in self.waiting:
                 self.waiting.append(session_id)
-        elif session_id in self.waiting:
-            self.waiting.remove(session_id)
+        else:
+            if session_id in self.waiting:
+                self.waiting.remove(session_id)
+            if granted < wanted:
+                self.partial_grants += 1
         s.nodes += granted
+        self._nodes += granted
         return granted
 
     def release_nodes(self, session_id: str, n: int, now: float) -> None:
-        s = self.sessions.get(session_id)
+        s = self._touch(session_id, now)
         if s is not None:
-            s.seen = now
-            s.nodes = max(0, s.nodes - n)
+            n = min(max(0, n), s.nodes)  # never below zero, whatever a retried release says
+            s.nodes -= n
+            self._nodes -= n
 
     # --- tokens ------------------------------------------------------------------------------
 
     def add_tokens(self, api_key: str, tokens: int, now: float) -> None:
+        """Count completion tokens against a (hashed) key id."""
         if tokens > 0:
             self.windows.setdefault(api_key, _Window()).add(tokens, now)
 
@@ -177,46 +229,63 @@ class Budgets:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def finish(self, session_id: str, now: float) -> None:
-        self.sessions.pop(session_id, None)
-        if session_id in self.waiting:
-            self.waiting.remove(session_id)
+        """The session ended: its deep slot and nodes in flight are free."""
+        self._drop(session_id)
 
     def expire(self, now: float) -> list[str]:
-        gone = [sid for sid, s in self.sessions.items() if now - s.seen > self.cfg.session_ttl_s]
+        """Drop sessions whose lease is older than the TTL (their router died), and idle key windows."""
+        gone = []
+        for sid, s in self.sessions.items():
+            if now - s.seen <= self.cfg.session_ttl_s:
+                break  # lease order: every later session was renewed more recently
+            gone.append(sid)
         for sid in gone:
-            self.finish(sid, now)
+            self._drop(sid)
+        for key in [k for k, w in self.windows.items() if w.total(now) == 0]:
+            del self.windows[key]
         return gone
 
     def snapshot(self) -> dict:
+        """JSON-serialisable state, for the actor's checkpoint."""
         return {
-            "sessions": {
-                sid: {
+            "version": SNAPSHOT_VERSION,
+            "sessions": [
+                {
+                    "id": sid,
                     "api_key": s.api_key,
                     "tier": s.tier,
-                    "admission": {**asdict(s.admission), "reasons": list(s.admission.reasons)},
+                    "max_rounds": s.admission.max_rounds,
+                    "min_rounds": s.admission.min_rounds,
+                    "degraded": s.admission.degraded,
+                    "reasons": list(s.admission.reasons),
                     "deep": s.deep,
                     "nodes": s.nodes,
                     "seen": s.seen,
                 }
                 for sid, s in self.sessions.items()
-            },
+            ],
             "windows": {k: [list(b) for b in w.buckets] for k, w in self.windows.items()},
-            "degraded_admissions": self.degraded_admissions,
-            "partial_grants": self.partial_grants,
+            "counters": {name: getattr(self, name) for name in _COUNTERS},
             "waiting": list(self.waiting),
         }
 
     @classmethod
     def restore(cls, cfg: BudgetConfig, snap: dict, now: float) -> Budgets:
+        """A restarted actor's budgets, minus sessions already past their TTL at `now`. A snapshot of
+        another format version starts empty: forgotten leases only under-count for one TTL, whereas
+        refusing would keep the actor from ever starting."""
         b = cls(cfg)
-        for sid, s in snap.get("sessions", {}).items():
-            a = s["admission"]
-            adm = Admission(a["max_rounds"], a["min_rounds"], a["degraded"], tuple(a["reasons"]))
-            b.sessions[sid] = _Session(s["api_key"], s["tier"], adm, s["deep"], s["nodes"], s["seen"])
-        for key, buckets in snap.get("windows", {}).items():
+        if snap.get("version") != SNAPSHOT_VERSION:
+            return b
+        for s in snap["sessions"]:  # already in lease order
+            adm = Admission(s["max_rounds"], s["min_rounds"], s["degraded"], tuple(s["reasons"]))
+            b.sessions[s["id"]] = _Session(s["api_key"], s["tier"], adm, s["deep"], s["nodes"], s["seen"])
+            b._deep += s["deep"]
+            b._nodes += s["nodes"]
+        for key, buckets in snap["windows"].items():
             b.windows[key] = _Window(deque((int(t), int(n)) for t, n in buckets))
-        b.degraded_admissions = int(snap.get("degraded_admissions", 0))
-        b.partial_grants = int(snap.get("partial_grants", 0))
+        for name in _COUNTERS:
+            setattr(b, name, int(snap["counters"].get(name, 0)))
         b.waiting = [sid for sid in snap.get("waiting", []) if sid in b.sessions]
         b.expire(now)
         return b
@@ -224,12 +293,16 @@ class Budgets:
     def stats(self, now: float) -> dict:
         return {
             "sessions": len(self.sessions),
-            "deep_sessions_in_flight": self.deep_in_flight,
+            "max_sessions": self.cfg.max_sessions,
+            "deep_sessions_in_flight": self._deep,
             "max_deep_sessions": self.cfg.max_deep_sessions,
-            "tot_nodes_in_flight": self.nodes_in_flight,
+            "tot_nodes_in_flight": self._nodes,
             "max_tot_nodes_in_flight": self.cfg.max_tot_nodes_in_flight,
+            "tokens_per_minute_per_key": self.cfg.tokens_per_minute_per_key,
+            "keys_metered": sum(1 for w in self.windows.values() if w.total(now) > 0),
             "degraded_admissions": self.degraded_admissions,
+            "untracked_admissions": self.untracked_admissions,
             "partial_node_grants": self.partial_grants,
+            "denied_node_grants": self.denied_grants,
             "sessions_waiting_for_nodes": len(self.waiting),
-            "keys_metered": len(self.windows),
         }
