@@ -18,6 +18,8 @@ from services.reasoning.tot import ChildResult, StopReason, TotConfig, TotSearch
 if TYPE_CHECKING:
     from services.orchestrator import DecideFn, Event, GrantFn, Orchestrator, ReleaseFn
 
+GREEDY_TOT_TEMPERATURE = 0.7
+
 _EXIT = {
     StopReason.CONFIDENT: Reason.CONFIDENCE,
     StopReason.MAX_DEPTH: Reason.CEILING,
@@ -93,6 +95,9 @@ async def run_tot(
         log.append(header)
         yield ReasoningDelta(header)
         spec = dataclasses.replace(sampling, max_tokens=orch.room(sampling.max_tokens, prompt))
+        if granted > 1 and spec.temperature == 0.0:
+            # Siblings must differ: a greedy request explores with sampling (seeded when it is).
+            spec = dataclasses.replace(spec, temperature=GREEDY_TOT_TEMPERATURE)
         try:
             results = await orch.expand(f"{request_id}-n{node.id}", prompt, spec, granted)
         finally:

@@ -29,6 +29,7 @@ class FakeExpander:
 
     async def __call__(self, rid, prompt, spec, n):
         self.calls.append((rid, len(prompt), n))
+        assert n == 1 or spec.temperature > 0  # vLLM refuses n > 1 with greedy sampling
         out = []
         for i in range(n):
             top = SURE if i == 0 else UNSURE
