@@ -77,9 +77,7 @@ async def direct_request(worker, tokenizer, question: str, rounds: int, max_toke
     for i in range(rounds):
         prompt = tokenizer.render(round_messages(conversation, texts))
         parts = []
-        async for d in worker.options(stream=True).generate_stream.remote(
-            f"d-{question}-{i}", prompt, spec
-        ):
+        async for d in worker.options(stream=True).generate_stream.remote(f"d-{question}-{i}", prompt, spec):
             parts.append(d["text"])
         texts.append("".join(parts))
     return (time.perf_counter() - start) * 1000.0
@@ -123,9 +121,7 @@ async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
                 f"Question {i + 1000}b: what is {i} + 3?",
             )
             d = await direct_request(worker, tokenizer, qd, args.rounds, args.max_tokens)
-            r, data = await routed_request(
-                client, cfg.engine.model, qr, args.rounds, args.max_tokens
-            )
+            r, data = await routed_request(client, cfg.engine.model, qr, args.rounds, args.max_tokens)
             if i >= 0:
                 direct.append(d / args.rounds)
                 routed.append(r / args.rounds)

@@ -106,6 +106,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return overhead.main(args)
 
 
+def cmd_bench_tax(args: argparse.Namespace) -> int:
+    from bench import tax
+
+    return tax.main(args)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from bench import calibrate
+
+    try:
+        return calibrate.main(args)
+    except calibrate.CalibrateError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ponder", description="Multi-round LLM reasoning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(o)
     o.set_defaults(func=cmd_bench)
+    t = bsub.add_parser("tax", help="accuracy vs tokens and latency of each depth policy (real engine)")
+    from bench.tax import add_arguments as add_tax_arguments
+
+    add_tax_arguments(t)
+    t.set_defaults(func=cmd_bench_tax)
+
+    cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
+    from bench.calibrate import add_arguments as add_calibrate_arguments
+
+    add_calibrate_arguments(cal)
+    cal.set_defaults(func=cmd_calibrate)
     return p
 
 

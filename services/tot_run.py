@@ -16,7 +16,7 @@ from services.reasoning.tiers import Reason, RoundPlan
 from services.reasoning.tot import ChildResult, StopReason, TotConfig, TotSearch
 
 if TYPE_CHECKING:
-    from services.orchestrator import DecideFn, Event, GrantFn, Orchestrator, ReleaseFn
+    from services.orchestrator import DecideFn, Event, GrantFn, Orchestrator, Outcome, ReleaseFn
 
 GREEDY_TOT_TEMPERATURE = 0.7
 
@@ -65,7 +65,7 @@ async def run_tot(
     release: ReleaseFn | None,
     decide: DecideFn | None = None,
 ) -> AsyncIterator[Event]:
-    from services.orchestrator import ContentDelta, Finished, Outcome, ReasoningDelta
+    from services.orchestrator import ContentDelta, Finished, ReasoningDelta
 
     grant, release = grant or _grant_all, release or _release_none
     search = TotSearch(tot_config(plan))
@@ -114,27 +114,38 @@ async def run_tot(
             log.append(text)
             yield ReasoningDelta(text)
     best = search.best()
+    yield ContentDelta(best.text)
+    yield Finished(_outcome(plan, search, records, "".join(log), prompt_tokens, context_stop))
+
+
+def _outcome(
+    plan: RoundPlan,
+    search: TotSearch,
+    records: dict[int, RoundRecord],
+    log: str,
+    prompt_tokens: int,
+    context_stop: bool,
+) -> Outcome:
+    """The search's result as the loop's outcome: the best path is the chain of rounds."""
+    from services.orchestrator import Outcome
+
     rounds = [records[i] for i in search.best_path()]
-    for index, r in enumerate(rounds):
-        r.index, r.decided_by = index, "tot"
     summary = search.summary()
     reason = Reason.CONTEXT if context_stop else _EXIT[StopReason(summary["stop_reason"])]
-    for r in rounds:
-        r.decision = "continue"
+    for index, r in enumerate(rounds):
+        r.index, r.decided_by, r.decision = index, "tot", "continue"
     if rounds:
         rounds[-1].decision = reason.value
-    yield ContentDelta(best.text)
-    yield Finished(
-        Outcome(
-            plan,
-            rounds,
-            reason,
-            best.text,
-            "".join(log),
-            tot=summary,
-            all_prompt_tokens=prompt_tokens,
-            all_completion_tokens=sum(r.completion_tokens for r in records.values()),
-        )
+    best = search.best()
+    return Outcome(
+        plan,
+        rounds,
+        reason,
+        best.text,
+        log,
+        tot=summary,
+        all_prompt_tokens=prompt_tokens,
+        all_completion_tokens=sum(r.completion_tokens for r in records.values()),
     )
 
 

@@ -1,0 +1,52 @@
+"""`ponder bench tax` end to end on the tiny model (its own in-process engine, ~30 s), and the
+calibrate command's errors. Accuracy is meaningless here: the test checks the mechanics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster import cli
+from cluster.models import TINY_MODEL
+
+pytestmark = pytest.mark.engine
+
+
+def test_tax_bench_json_and_plots(tmp_path, capsys):
+    out = tmp_path / "tax.json"
+    argv = ["bench", "tax", "--json", str(out), "--model", TINY_MODEL, "--problems", "2"]
+    argv += ["--max-tokens", "8", "--concurrency", "4", "--kv-cache-mib", "128", "--plots", str(tmp_path)]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["model"] == TINY_MODEL and res["n"] == 2
+    fixed = [f"fixed-{k}" for k in range(1, 7)]
+    assert set(res["policies"]) == {*fixed, "tier-ceiling", "confidence-exit", "tot"}
+    for m in res["policies"].values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["mean_tokens"] > 0 and m["mean_latency_ms"] > 0
+    # fixed-k is a prefix of fixed-6: k rounds of at most 8 tokens each, growing with k
+    assert [res["policies"][f]["mean_rounds"] for f in fixed] == [1, 2, 3, 4, 5, 6]
+    tokens = [res["policies"][f]["mean_tokens"] for f in fixed]
+    assert tokens == sorted(tokens) and tokens[-1] <= 6 * 8
+    assert 0.0 <= res["token_saving_fraction"] <= 1.0
+    assert -1.0 <= res["accuracy_delta"] <= 1.0 and res["accuracy_delta_unit"] == "fraction"
+    assert 1 <= res["diminishing_returns_round"] <= 6
+    check = res["prefix_check"]
+    assert check["ok"] and len(check["runs"]) == 2
+    assert all(r["answers_equal"] and r["texts_equal"] for r in check["runs"])
+    assert res["timings"]["run_s"] > 0 and res["timings"]["requests"] == 2 * 3 + 2
+    plots = [Path(p) for p in res["plots"]]
+    assert [p.name for p in plots] == ["tax_accuracy_vs_tokens.png", "tax_accuracy_vs_rounds.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert "confidence-exit" in capsys.readouterr().out  # the table
+
+
+@pytest.mark.parametrize(
+    ("domain", "message"),
+    [("nope", "unknown domain 'nope'; use one of general"), ("medical", "no warm-up datasets")],
+)
+def test_calibrate_rejects_unknown_or_warmup_less_domains(domain, message, capsys):
+    assert cli.main(["calibrate", "--domain", domain, "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
