@@ -155,13 +155,13 @@ class DepthControl:
         result = {"request_id": request_id, "correct": correct, "domain": domain, "threshold": current}
         if d is None or current is None:
             return result
-        target = d.calibration.accuracy_ceiling if d.calibration else None
+        rows = self.store.domain_feedback(domain)
+        target = _target_accuracy(d.calibration.accuracy_ceiling if d.calibration else None, rows)
+        result["stats"] = feedback_stats(rows)
         if target is None:
             return result
         new = online_threshold(
-            current,
-            [(r["confidence"], r["exit_reason"], r["correct"]) for r in self.store.domain_feedback(domain)],
-            target_accuracy=target,
+            current, [(r["confidence"], r["exit_reason"], r["correct"]) for r in rows], target_accuracy=target
         )
         if new != current:
             self.store.set_threshold(domain, new, source="feedback", now=now)
@@ -179,6 +179,7 @@ class DepthControl:
                     "threshold": self._threshold(name),
                     "threshold_source": live[name]["source"] if name in live else "config",
                     "calibration": d.calibration.model_dump() if d.calibration else None,
+                    "feedback": feedback_stats(self.store.domain_feedback(name)),
                 }
                 for name, d in self.registry.domains.items()
             },
@@ -227,6 +228,30 @@ class DepthControl:
 
     def ping(self) -> str:
         return "ok"
+
+
+MIN_CEILING_SAMPLES = 20
+
+
+def _target_accuracy(calibrated: float | None, rows: list[dict]) -> float | None:
+    """What confidence exits must match: the calibrated ceiling accuracy, else (uncalibrated) the
+    accuracy of the domain's requests that ran to their ceiling, once there are enough of them."""
+    if calibrated is not None:
+        return calibrated
+    ceiling = [r["correct"] for r in rows if r["exit_reason"] == "ceiling"]
+    return sum(ceiling) / len(ceiling) if len(ceiling) >= MIN_CEILING_SAMPLES else None
+
+
+def feedback_stats(rows: list[dict]) -> dict:
+    """Feedback counts and accuracy per exit reason (recent rows), for GET /v1/domains."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        s = out.setdefault(r["exit_reason"], {"n": 0, "correct": 0})
+        s["n"] += 1
+        s["correct"] += int(r["correct"])
+    for s in out.values():
+        s["accuracy"] = round(s["correct"] / s["n"], 4)
+    return {"n": len(rows), "by_exit_reason": out}
 
 
 def get_or_create(cfg: DepthControlConfig):

@@ -103,3 +103,36 @@ def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
         "degraded": False,
         "degraded_reasons": [],
     }
+
+
+def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_runs(cfg):
+    a = DepthControl(cfg, "c", Clock())
+    start = a._threshold("general")
+
+    def finished(i, reason, correct):
+        rid = f"chatcmpl-{reason}-{i}"
+        a.admit(rid, "k", "medium", 3, 4, "general")
+        a.finish(
+            rid,
+            "k",
+            {
+                "domain": "general",
+                "tier": "medium",
+                "strategy": "cot",
+                "exit_reason": reason,
+                "confidence": 0.9,
+                "rounds": 3,
+                "completion_tokens": 5,
+            },
+        )
+        return a.feedback(rid, correct)
+
+    for i in range(20):
+        out = finished(i, "ceiling", True)  # running to the ceiling was always right
+    assert out["threshold"] == start  # no confidence exits yet: nothing to judge
+    for i in range(20):
+        out = finished(i, "confidence", i % 2 == 0)  # exiting early was right half the time
+    assert out["threshold"] == round(start + 0.02, 6)
+    assert a.domains()["domains"]["general"]["threshold_source"] == "feedback"
+    stats = a.domains()["domains"]["general"]["feedback"]["by_exit_reason"]
+    assert stats["ceiling"]["accuracy"] == 1.0 and stats["confidence"]["accuracy"] == 0.5
