@@ -1,0 +1,283 @@
+"""The KV-state store's pure core: block index, tier directory, session- and reasoning-aware retention.
+
+No ray/torch/vllm, no I/O, time passed in. The shell (a shard actor) moves the bytes; this core says
+where they go and in what order they leave. Every change of place is two-phase: `prepare_*` reserves
+slots and returns what to copy, `complete_*(ok)` commits or rolls back, so a failed copy never leaves
+the index pointing at bytes that are not there.
+
+Retention, most expendable first (each class in least-recently-used order):
+  0 doomed   blocks of pruned Tree-of-Thought branches, of early-exited or finished sessions
+  1 idle     sessions not touched within the retention window
+  2 old      rounds n-2 and older of a session whose current round is n
+  3 hot      the current and the previous round
+RAM makes room by demoting to disk (classes 1-3) or dropping (class 0); disk makes room by dropping.
+Pinned blocks (being read) never move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+
+class Tier(StrEnum):
+    RAM = "ram"
+    DISK = "disk"
+
+
+class State(StrEnum):
+    PENDING = "pending"  # a put reserved its slot; bytes not yet written
+    READY = "ready"
+    MOVING = "moving"  # a demotion reserved a disk slot; bytes being copied
+
+
+class Retention(IntEnum):
+    DOOMED = 0
+    IDLE = 1
+    OLD = 2
+    HOT = 3
+
+
+@dataclass
+class Block:
+    hash: str
+    session: str
+    round: int
+    branch: str
+    nbytes: int
+    tier: Tier
+    slot: int
+    state: State = State.PENDING
+    refs: int = 0
+    last_used: float = 0.0
+    target_slot: int | None = None  # the disk slot of a demotion in flight
+
+
+@dataclass
+class Session:
+    current_round: int = 0
+    seen: float = 0.0
+    pruned_branches: set[str] = field(default_factory=set)
+    exited: bool = False
+
+
+@dataclass(frozen=True)
+class Move:
+    hash: str
+    src: tuple[Tier, int]
+    dst: tuple[Tier, int]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a new block goes, and what must happen first to free that slot."""
+
+    tier: Tier
+    slot: int
+    demote: Move | None = None  # copy this block RAM -> disk before writing the new one
+    dropped: tuple[str, ...] = ()  # blocks evicted to make room (their slots are reused)
+
+
+class StoreFull(Exception):
+    """No slot can be freed: every block is pinned or mid-move."""
+
+
+class KvCore:
+    def __init__(self, slots: dict[Tier, int], slot_bytes: int, retention_window_s: float = 600.0) -> None:
+        self.slot_bytes = slot_bytes
+        self.window = retention_window_s
+        self.free: dict[Tier, list[int]] = {t: list(range(n - 1, -1, -1)) for t, n in slots.items()}
+        self.capacity = dict(slots)
+        self.blocks: dict[str, Block] = {}
+        self.sessions: dict[str, Session] = {}
+        self.events: list[tuple[str, str, str]] = []  # (kind, block hash, detail), for stats/metrics
+
+    # --- retention ---------------------------------------------------------------------------
+
+    def retention(self, b: Block, now: float) -> Retention:
+        s = self.sessions.get(b.session)
+        if s is None or s.exited or b.branch in s.pruned_branches:
+            return Retention.DOOMED
+        if now - s.seen > self.window:
+            return Retention.IDLE
+        if b.round <= s.current_round - 2:
+            return Retention.OLD
+        return Retention.HOT
+
+    def eviction_order(self, tier: Tier, now: float) -> list[str]:
+        """Movable blocks of a tier, most expendable first."""
+        movable = [
+            b for b in self.blocks.values() if b.tier is tier and b.state is State.READY and not b.refs
+        ]
+        movable.sort(key=lambda b: (self.retention(b, now), b.last_used, b.round, b.hash))
+        return [b.hash for b in movable]
+
+    def _session(self, name: str, now: float) -> Session:
+        s = self.sessions.setdefault(name, Session())
+        s.seen = max(s.seen, now)
+        return s
+
+    def mark_round(self, session: str, round_: int, now: float) -> None:
+        s = self._session(session, now)
+        s.current_round = max(s.current_round, round_)
+
+    def mark_branch_pruned(self, session: str, branch: str, now: float) -> None:
+        self._session(session, now).pruned_branches.add(branch)
+
+    def mark_exited(self, session: str, now: float) -> None:
+        """The session's loop exited early: its trace is kept only while nothing else needs room."""
+        self._session(session, now).exited = True
+
+    def finish_session(self, session: str) -> list[tuple[str, Tier, int]]:
+        """Bulk evict a finished session; returns the freed (hash, tier, slot) for the shell."""
+        freed = []
+        for b in [b for b in self.blocks.values() if b.session == session and not b.refs]:
+            freed.append((b.hash, b.tier, b.slot))
+            self._drop(b, "session_finished")
+        if not any(b.session == session for b in self.blocks.values()):
+            self.sessions.pop(session, None)
+        return freed
+
+    # --- puts --------------------------------------------------------------------------------
+
+    def prepare_put(
+        self, block_hash: str, *, session: str, round_: int, branch: str, nbytes: int, now: float
+    ) -> Placement | None:
+        """Reserve a RAM slot for a new block; None when the store already has it."""
+        if nbytes > self.slot_bytes:
+            raise ValueError(f"block of {nbytes} bytes exceeds the {self.slot_bytes}-byte slot")
+        if block_hash in self.blocks:
+            self.blocks[block_hash].last_used = now
+            return None
+        self._session(session, now)
+        demote, dropped = None, []
+        if not self.free[Tier.RAM]:
+            demote, dropped = self._make_room_in_ram(now)
+        slot = self.free[Tier.RAM].pop()
+        self.blocks[block_hash] = Block(
+            block_hash, session, round_, branch, nbytes, Tier.RAM, slot, last_used=now
+        )
+        return Placement(Tier.RAM, slot, demote, tuple(dropped))
+
+    def complete_put(self, block_hash: str, ok: bool) -> None:
+        b = self.blocks.get(block_hash)
+        if b is None or b.state is not State.PENDING:
+            return
+        if ok:
+            b.state = State.READY
+            self.events.append(("save", block_hash, b.tier.value))
+        else:
+            self._drop(b, "put_failed")
+
+    def _make_room_in_ram(self, now: float) -> tuple[Move | None, list[str]]:
+        order = self.eviction_order(Tier.RAM, now)
+        if not order:
+            raise StoreFull("every RAM block is pinned or moving")
+        victim = self.blocks[order[0]]
+        if self.retention(victim, now) is Retention.DOOMED or Tier.DISK not in self.free:
+            self._drop(victim, "doomed" if self.retention(victim, now) is Retention.DOOMED else "ram_full")
+            return None, [victim.hash]
+        dropped: list[str] = []
+        if not self.free[Tier.DISK]:
+            disk_order = self.eviction_order(Tier.DISK, now)
+            if not disk_order:
+                self._drop(victim, "ram_full")
+                return None, [victim.hash]
+            dropped.append(disk_order[0])
+            self._drop(self.blocks[disk_order[0]], "disk_full")
+        dst = self.free[Tier.DISK].pop()
+        move = Move(victim.hash, (Tier.RAM, victim.slot), (Tier.DISK, dst))
+        # The RAM slot is handed to the new block now; the shell copies the victim out first.
+        self.free[Tier.RAM].append(victim.slot)
+        victim.tier, victim.slot, victim.state = Tier.DISK, dst, State.MOVING
+        return move, dropped
+
+    def complete_demote(self, block_hash: str, ok: bool) -> None:
+        b = self.blocks.get(block_hash)
+        if b is None or b.state is not State.MOVING:
+            return
+        if ok:
+            b.state = State.READY
+            self.events.append(("demote", block_hash, "ram->disk"))
+        else:
+            self._drop(b, "demote_failed")
+
+    def plan_demotions(self, now: float, limit: int) -> list[Move]:
+        """Proactive moves of old-round and idle RAM blocks to free disk slots (two-phase)."""
+        moves = []
+        for h in self.eviction_order(Tier.RAM, now):
+            b = self.blocks[h]
+            if len(moves) >= limit or not self.free.get(Tier.DISK):
+                break
+            if self.retention(b, now) in (Retention.IDLE, Retention.OLD):
+                dst = self.free[Tier.DISK].pop()
+                moves.append(Move(h, (Tier.RAM, b.slot), (Tier.DISK, dst)))
+                b.target_slot, b.state = dst, State.MOVING
+        return moves
+
+    def complete_move(self, move: Move, ok: bool) -> None:
+        """Commit or roll back a planned demotion (plan_demotions)."""
+        b = self.blocks.get(move.hash)
+        if b is None or b.state is not State.MOVING or b.target_slot != move.dst[1]:
+            return
+        if ok:
+            self.free[Tier.RAM].append(b.slot)
+            b.tier, b.slot = Tier.DISK, move.dst[1]
+            self.events.append(("demote", b.hash, "ram->disk"))
+        else:
+            self.free[Tier.DISK].append(move.dst[1])
+        b.state, b.target_slot = State.READY, None
+
+    # --- gets --------------------------------------------------------------------------------
+
+    def lookup_prefix(self, hashes: list[str]) -> int:
+        """How many leading blocks of a prompt's chain the store holds, ready to load."""
+        n = 0
+        for h in hashes:
+            b = self.blocks.get(h)
+            if b is None or b.state is not State.READY:
+                break
+            n += 1
+        return n
+
+    def prepare_get(self, hashes: list[str], now: float) -> list[tuple[str, Tier, int]]:
+        """Pin the leading ready blocks for reading; unpin with complete_get."""
+        out = []
+        for h in hashes[: self.lookup_prefix(hashes)]:
+            b = self.blocks[h]
+            b.refs += 1
+            b.last_used = now
+            self._session(b.session, now)
+            out.append((h, b.tier, b.slot))
+        return out
+
+    def complete_get(self, hashes: list[str], ok: bool) -> None:
+        """Unpin; a failed read (bad checksum, short read) drops the block: it is recomputed."""
+        for h in hashes:
+            b = self.blocks.get(h)
+            if b is None or b.refs == 0:
+                continue
+            b.refs -= 1
+            self.events.append(("load" if ok else "load_failed", h, b.tier.value))
+            if not ok and b.refs == 0:
+                self._drop(b, "corrupt")
+
+    # --- bookkeeping -------------------------------------------------------------------------
+
+    def _drop(self, b: Block, reason: str) -> None:
+        del self.blocks[b.hash]
+        self.free[b.tier].append(b.slot)
+        if b.target_slot is not None:
+            self.free[Tier.DISK].append(b.target_slot)
+        self.events.append(("evict", b.hash, reason))
+
+    def stats(self) -> dict:
+        used = {t: self.capacity[t] - len(self.free[t]) for t in self.capacity}
+        return {
+            "blocks": len(self.blocks),
+            "sessions": len(self.sessions),
+            "slots_used": {t.value: n for t, n in used.items()},
+            "slots_total": {t.value: n for t, n in self.capacity.items()},
+            "bytes_stored": sum(b.nbytes for b in self.blocks.values()),
+            "pinned": sum(1 for b in self.blocks.values() if b.refs),
+        }
