@@ -128,6 +128,12 @@ class Shard:
     def stats(self) -> dict:
         return self.core.stats()
 
+    def node_id(self) -> str:
+        """The Ray node this shard runs on ("" outside Ray)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
