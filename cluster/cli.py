@@ -112,6 +112,12 @@ def cmd_bench_tax(args: argparse.Namespace) -> int:
     return tax.main(args)
 
 
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from bench import kv
+
+    return kv.main(args)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench import calibrate
 
@@ -159,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tax_arguments(t)
     t.set_defaults(func=cmd_bench_tax)
+    k = bsub.add_parser("kv", help="KV store codec/slot/shard throughput against memcpy")
+    from bench.kv import add_arguments as add_kv_arguments
+
+    add_kv_arguments(k)
+    k.set_defaults(func=cmd_bench_kv)
 
     cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
     from bench.calibrate import add_arguments as add_calibrate_arguments
