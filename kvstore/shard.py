@@ -49,11 +49,15 @@ class Shard:
         self.core = KvCore(slots, cfg.slot_bytes - 4, cfg.retention_window_s)
         self.ram = RamPool(cfg.ram_slots, cfg.slot_bytes)
         self.clock = clock
+        self.rejected = 0  # blocks refused for size: a cache may decline, never fail the caller
 
     def put(self, metas: list[BlockMeta], blobs: list[bytes]) -> int:
         """Save blocks (a round's new ones, in order); returns how many were new."""
         saved = 0
         for meta, blob in zip(metas, blobs, strict=True):
+            if len(blob) > self.core.slot_bytes:
+                self.rejected += 1  # larger than a slot (e.g. a very long header): not cached
+                continue
             p = self.core.prepare_put(
                 meta.hash,
                 session=meta.session,
@@ -69,7 +73,8 @@ class Shard:
                 self.ram.write(p.slot, blob)
             except SlotError:
                 self.core.complete_put(meta.hash, False)
-                raise
+                self.rejected += 1
+                continue
             self.core.complete_put(meta.hash, True)
             saved += 1
         return saved
@@ -126,7 +131,7 @@ class Shard:
         return len(self.core.finish_session(session))
 
     def stats(self) -> dict:
-        return self.core.stats()
+        return {**self.core.stats(), "rejected": self.rejected}
 
     def node_id(self) -> str:
         """The Ray node this shard runs on ("" outside Ray)."""

@@ -1,98 +1,213 @@
 """The KV block codec: round trips, every rejection reason, and a seeded fuzz of random corruptions."""
 
 import random
+import zlib
 
 import msgpack
 import numpy as np
 import pytest
 
-from kvstore.codec import MAGIC, BlockHeader, CodecError, decode, encode
+from kvstore.codec import MAGIC, REASONS, BlockHeader, CodecError, decode, encode
 
-MODEL, LAYOUT = "smollm2-135m-instruct", "LBHNC"
-
-
-def block(dtype="float32", shape=(2, 3, 16, 8), seed=0):
-    arr = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-    h = BlockHeader(MODEL, dtype, LAYOUT, shape, b"\x01" * 16, "sess", 3, "b1")
-    return h, arr, encode(h, arr.tobytes())
+MODEL, LAYOUT = "smollm2-135m-instruct", "[layers,2,kv_heads,block,head_dim]"
+SHAPE = (2, 2, 3, 16, 4)  # layers, K/V, kv heads, block tokens, head dim
+# numpy has no bfloat16/float8: their blocks travel as raw bytes of the same itemsize
+NP_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "uint8"}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "uint8"])
+def block(dtype="float32", shape=SHAPE, seed=0, branch="b1"):
+    rng = np.random.default_rng(seed)
+    if dtype in ("float32", "float16"):
+        arr = rng.standard_normal(shape).astype(dtype)
+    else:
+        arr = rng.integers(0, np.iinfo(NP_DTYPE[dtype]).max, size=shape, dtype=NP_DTYPE[dtype])
+    h = BlockHeader(MODEL, dtype, LAYOUT, shape, b"\x01" * 16, "sess", 3, branch)
+    return h, arr, encode(h, arr)
+
+
+def dec(data, **kw):
+    return decode(data, **({"expect_model": MODEL, "expect_layout": LAYOUT} | kw))
+
+
+@pytest.mark.parametrize("dtype", sorted(NP_DTYPE))
 def test_round_trip_is_exact_and_zero_copy(dtype):
-    h, arr, data = block(dtype)
-    got, payload = decode(data, expect_model=MODEL, expect_layout=LAYOUT, expect_dtype=dtype)
+    h, arr, data = block(dtype, branch="")
+    got, payload = dec(data, expect_dtype=dtype)
     assert got == h
-    assert np.array_equal(np.frombuffer(payload, dtype=dtype).reshape(h.shape), arr)
+    assert np.array_equal(np.frombuffer(payload, dtype=NP_DTYPE[dtype]).reshape(h.shape), arr)
     assert payload.obj is data  # a view into the input, not a copy
 
 
-def _forge(data: bytes, **changes) -> bytes:
-    """Re-pack the header with changed fields, keeping its length prefix honest."""
+def test_decode_accepts_a_memoryview_without_copying():
+    h, arr, data = block("float16")
+    buf = bytearray(data)
+    got, payload = dec(memoryview(buf))
+    buf[-1] ^= 0xFF  # the view sees the caller's buffer: proof that nothing was copied
+    assert got == h and payload[-1] == buf[-1]
+
+
+def _header_fields(data: bytes) -> tuple[dict, int]:
     hlen = int.from_bytes(data[4:8], "big")
-    fields = msgpack.unpackb(data[8 : 8 + hlen], raw=False)
+    return msgpack.unpackb(data[8 : 8 + hlen], raw=False), hlen
+
+
+def _forge(data: bytes, fix_crc: bool = True, drop: str | None = None, **changes) -> bytes:
+    """Re-pack the header with changed fields, the length prefix kept honest (and the crc, if asked)."""
+    fields, hlen = _header_fields(data)
     fields.update(changes)
+    if drop:
+        del fields[drop]
+    if fix_crc and "header_crc" in fields:
+        fields["header_crc"] = zlib.crc32(msgpack.packb({**fields, "header_crc": 0}, use_bin_type=True))
     raw = msgpack.packb(fields, use_bin_type=True)
     return MAGIC + len(raw).to_bytes(4, "big") + raw + data[8 + hlen :]
 
 
-@pytest.mark.parametrize(
-    ("mutate", "reason"),
-    [
-        (lambda d: b"XKV1" + d[4:], "magic"),
-        (lambda d: d[:6], "truncated"),
-        (lambda d: d[:-1], "truncated"),
-        (lambda d: d + b"junk", "truncated"),
-        (lambda d: d[:4] + (10**6).to_bytes(4, "big") + d[8:], "oversized"),
-        (lambda d: _forge(d, v=2), "version"),  # header crc checked after version
-        (lambda d: _forge(d, model="other"), "checksum"),  # forged without fixing the crc
-        (lambda d: _forge(d, extra=1), "header"),
-        (lambda d: _forge(d, round="3"), "header"),
-        (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
-    ],
-)
+def _raw(data: bytes) -> bytes:
+    return data[8 : 8 + int.from_bytes(data[4:8], "big")]
+
+
+def _raw_header(data: bytes, raw: bytes) -> bytes:
+    hlen = int.from_bytes(data[4:8], "big")
+    return MAGIC + len(raw).to_bytes(4, "big") + raw + data[8 + hlen :]
+
+
+REJECTIONS = [
+    (lambda d: b"XKV1" + d[4:], "magic"),
+    (lambda d: d[:6], "truncated"),
+    (lambda d: d[:40], "truncated"),
+    (lambda d: d[:-1], "truncated"),
+    (lambda d: d + b"junk", "truncated"),
+    (lambda d: d[:4] + (10**6).to_bytes(4, "big") + d[8:], "oversized"),
+    (lambda d: _forge(d, v=2), "version"),
+    (lambda d: _forge(d, fix_crc=False, model="other"), "checksum"),
+    (lambda d: _forge(d, fix_crc=False, round=4), "checksum"),
+    (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
+    (lambda d: _forge(d, extra=1), "header"),
+    (lambda d: _forge(d, drop="branch"), "header"),
+    (lambda d: _forge(d, round="3"), "header"),
+    (lambda d: _forge(d, round=True), "header"),
+    (lambda d: _forge(d, round=-1), "header"),
+    (lambda d: _forge(d, block_hash=b"\x00" * 65), "header"),
+    (lambda d: _forge(d, session="s" * 2000), "header"),
+    (lambda d: _forge(d, branch=msgpack.ExtType(1, b"x")), "header"),
+    (lambda d: _raw_header(d, msgpack.packb([1, 2, 3])), "header"),
+    (lambda d: _raw_header(d, _raw(d) + b"\x00"), "header"),  # bytes after the map, inside the header
+    (lambda d: _raw_header(d, b"\xc1"), "header"),  # a msgpack byte that is never valid
+    (lambda d: _forge(d, model="qwen"), "model"),
+    (lambda d: _forge(d, layout="LBHNC"), "layout"),
+    (lambda d: _forge(d, dtype="int4"), "dtype"),
+    (lambda d: _forge(d, shape=[2, 2, 3, 16, 5]), "shape"),
+    (lambda d: _forge(d, shape=[-1, 2]), "shape"),
+    (lambda d: _forge(d, shape=[1] * 17), "header"),  # over max_array_len: refused by the unpacker
+    (lambda d: _forge(d, payload_len=1 << 40), "oversized"),
+    (lambda d: _forge(d, payload_len=-5), "oversized"),
+    (lambda d: _forge(d, payload_crc=0), "checksum"),
+]
+
+
+def test_every_reason_is_exercised():
+    seen = {reason for _, reason in REJECTIONS} | {"dtype", "oversized", "model", "layout"}
+    assert seen == REASONS
+
+
+@pytest.mark.parametrize(("mutate", "reason"), REJECTIONS)
 def test_rejections_name_their_reason(mutate, reason):
     _, _, data = block()
     with pytest.raises(CodecError) as err:
-        decode(mutate(data), expect_model=MODEL, expect_layout=LAYOUT)
-    assert err.value.reason == reason
+        dec(mutate(data))
+    assert err.value.reason == reason and isinstance(err.value, ValueError)
 
 
-def test_wrong_model_layout_dtype_and_limits():
-    _, _, data = block("float16")
-    for kw, reason in (
+@pytest.mark.parametrize(
+    ("kw", "reason"),
+    [
         ({"expect_model": "qwen"}, "model"),
         ({"expect_layout": "other"}, "layout"),
         ({"expect_dtype": "float32"}, "dtype"),
         ({"max_payload": 10}, "oversized"),
-    ):
-        args = {"expect_model": MODEL, "expect_layout": LAYOUT} | kw
-        with pytest.raises(CodecError) as err:
-            decode(data, **args)
-        assert err.value.reason == reason
-    with pytest.raises(ValueError, match="does not match"):
-        encode(BlockHeader(MODEL, "float32", LAYOUT, (4,), b"", "s", 0), b"\x00" * 15)
+    ],
+)
+def test_wrong_expectations_and_limits(kw, reason):
+    _, _, data = block("float16")
+    with pytest.raises(CodecError) as err:
+        dec(data, **kw)
+    assert err.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("header", "n", "reason"),
+    [
+        (BlockHeader(MODEL, "float32", LAYOUT, (4,), b"", "s", 0), 15, "shape"),
+        (BlockHeader(MODEL, "int4", LAYOUT, (4,), b"", "s", 0), 2, "dtype"),
+        (BlockHeader(MODEL, "float32", LAYOUT, (4,), b"", "s", -1), 16, "header"),
+        (BlockHeader(MODEL, "float32", LAYOUT, (4,), b"h" * 65, "s", 0), 16, "header"),
+        (BlockHeader(MODEL, "float32", LAYOUT, (4,), b"", "s" * 1025, 0), 16, "header"),
+    ],
+)
+def test_encode_refuses_what_decode_would_refuse(header, n, reason):
+    with pytest.raises(CodecError) as err:
+        encode(header, b"\x00" * n)
+    assert err.value.reason == reason
+
+
+def _random_value(rng: random.Random):
+    return rng.choice(
+        [
+            lambda: rng.randint(-(2**63), 2**64 - 1),
+            lambda: rng.randint(-3, 300),
+            lambda: rng.choice([True, False, None, 1.5]),
+            lambda: "".join(rng.choice("ab\u00e9") for _ in range(rng.choice([0, 3, 1025]))),
+            lambda: rng.randbytes(rng.choice([0, 16, 64, 65])),
+            lambda: [rng.randint(-1, 40) for _ in range(rng.randint(0, 6))],
+            lambda: {"k": 1},
+            lambda: msgpack.ExtType(rng.randint(0, 127), b"x"),
+            lambda: rng.choice(["float16", "bfloat16", "float32", "uint8", "int4", MODEL, LAYOUT]),
+        ]
+    )()
+
+
+def _corrupt(rng: random.Random, data: bytes) -> tuple[bytes, dict | None]:
+    """One random corruption; the forged header fields too when the header crc was recomputed."""
+    kind = rng.randrange(6)
+    bad = bytearray(data)
+    if kind == 0:
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.randrange(len(bad))] ^= rng.randint(1, 255)
+    elif kind == 1:
+        bad = bad[: rng.randrange(len(bad))]
+    elif kind == 2:
+        bad += rng.randbytes(rng.randint(1, 64))
+    elif kind == 3:
+        i = rng.randrange(4, 8 + _header_fields(data)[1])
+        bad[i : i + 8] = rng.randbytes(8)
+    else:
+        fields, _ = _header_fields(data)
+        key = rng.choice([*fields, "extra"])
+        value = _random_value(rng)
+        forged = _forge(data, fix_crc=kind == 5, **{key: value})
+        return forged, ({**fields, key: value} if kind == 5 else None)
+    return bytes(bad), None
 
 
 def test_random_corruptions_are_rejected_or_harmless():
     rng = random.Random(0)
     h, arr, data = block()
+    rejected = 0
     for _ in range(3000):
-        bad = bytearray(data)
-        kind = rng.randrange(4)
-        if kind == 0:
-            for _ in range(rng.randint(1, 4)):
-                i = rng.randrange(len(bad))
-                bad[i] ^= rng.randint(1, 255)
-        elif kind == 1:
-            bad = bad[: rng.randrange(len(bad))]
-        elif kind == 2:
-            bad += rng.randbytes(rng.randint(1, 64))
-        else:
-            i = rng.randrange(8, 8 + 200)
-            bad[i : i + 8] = rng.randbytes(8)
+        bad, forged = _corrupt(rng, data)
         try:
-            got, payload = decode(bytes(bad), expect_model=MODEL, expect_layout=LAYOUT)
-        except CodecError:
+            got, payload = dec(bad)
+        except CodecError as err:
+            assert err.reason in REASONS
+            rejected += 1
             continue
-        # accepted: only if the corruption changed nothing that matters
-        assert got == h and bytes(payload) == arr.tobytes()
+        if forged is None:  # raw corruption: accepted only if it happened to change no byte at all
+            assert bad == data
+            assert got == h and bytes(payload) == arr.tobytes()
+        else:  # a consistent forgery: what decode reports must be exactly what was written, and valid
+            assert got.round >= 0 and len(got.block_hash) <= 64 and got.model == MODEL
+            assert all(getattr(got, k) == forged[k] for k in ("session", "branch", "round", "block_hash"))
+            assert got.shape == tuple(forged["shape"]) == h.shape and got.dtype == "float32"
+            assert bytes(payload) == arr.tobytes()
+    assert rejected > 2500  # the fuzz really corrupts: nearly everything must be refused

@@ -42,3 +42,9 @@ def test_a_corrupt_block_is_dropped_and_the_prefix_shortens(tmp_path):
     assert s.lookup(["b0", "b1", "b2"]) == 1
     assert s.get(["b0", "b1", "b2"]) == [b"x" * 10]
     assert s.finish_session("s") == 2 and s.stats()["blocks"] == 0
+
+
+def test_an_oversized_block_is_declined_not_an_error(tmp_path):
+    s = shard(tmp_path, ram=2, disk=0)
+    assert s.put([BlockMeta("big", "s", 0), BlockMeta("ok", "s", 0)], [b"x" * 10_000, b"y"]) == 1
+    assert s.lookup(["ok"]) == 1 and s.lookup(["big"]) == 0 and s.stats()["rejected"] == 1
