@@ -20,6 +20,7 @@ first, explicitly, and logs what it changed (`prepare_environment`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -243,17 +244,26 @@ class VllmEngine(Engine):
         self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
     ) -> AsyncIterator[GenerateDelta]:
         """Raises ValueError for a request vLLM rejects (prompt too long, bad sampling values)."""
+        async with contextlib.aclosing(
+            self._outputs(request_id, prompt_token_ids, sampling_params(spec))
+        ) as outputs:
+            async for out in outputs:
+                yield to_delta(out, len(prompt_token_ids))
+
+    async def _outputs(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's outputs for one request; a consumer that stops early aborts it in the engine."""
         from vllm.exceptions import VLLMClientError
 
         llm = self._require()
         finished = False
         try:
-            stream = llm.generate(self._engine_input(prompt_token_ids), sampling_params(spec), request_id)
+            stream = llm.generate(self._engine_input(prompt_token_ids), params, request_id)
             try:
                 async for out in stream:
-                    delta = to_delta(out, len(prompt_token_ids))
-                    finished = delta.finished
-                    yield delta
+                    finished = bool(out.finished)
+                    yield out
             finally:
                 if not finished:
                     # Consumer stopped early (break, aclose, cancellation) or the engine failed.
@@ -270,31 +280,19 @@ class VllmEngine(Engine):
     ) -> list[GenerateResult]:
         """n samples of one prompt in one request: the prompt is prefilled once and its KV blocks
         are shared by the children (Tree-of-Thought expansion). Child i is seeded seed + i."""
-        from vllm.exceptions import VLLMClientError
-
         if not 1 <= n <= MAX_CHILDREN:
             raise ValueError(f"n must be between 1 and {MAX_CHILDREN}, got {n}")
-        llm = self._require()
         params = sampling_params(spec)
         params.n = n
         acc = [_Child() for _ in range(n)]
         start = time.perf_counter()
-        finished = False
-        try:
-            stream = llm.generate(self._engine_input(prompt_token_ids), params, request_id)
-            try:
-                async for out in stream:
-                    elapsed = (time.perf_counter() - start) * 1000.0
-                    for completion in out.outputs:
-                        acc[completion.index].add(completion, elapsed)
-                    cached = int(out.num_cached_tokens or 0)
-                    finished = bool(out.finished)
-            finally:
-                if not finished:
-                    await stream.aclose()
-                    await self._abort_quietly(request_id)
-        except VLLMClientError as e:
-            raise ValueError(f"request {request_id} rejected: {e}") from e
+        cached = 0
+        async with contextlib.aclosing(self._outputs(request_id, prompt_token_ids, params)) as outputs:
+            async for out in outputs:
+                elapsed = (time.perf_counter() - start) * 1000.0
+                for completion in out.outputs:
+                    acc[completion.index].add(completion, elapsed)
+                cached = int(out.num_cached_tokens or 0)
         latency = (time.perf_counter() - start) * 1000.0
         return [c.result(len(prompt_token_ids), cached, latency) for c in acc]
 
