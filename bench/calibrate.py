@@ -14,7 +14,7 @@ import asyncio
 from typing import Any
 
 from bench.problems import Source, load_problems
-from bench.runner import Job, Runner, default_model, load_settings, plan_for
+from bench.runner import Job, Runner, default_model, plan_for, settings_from_args
 from bench.tax import add_engine_arguments, greedy
 from services.reasoning.domains import (
     CalibrationResult,
@@ -106,13 +106,7 @@ def main(args: argparse.Namespace) -> int:
     app = AppConfig.load(args.config)
     d = domain_of(app.depth_control.domains_file, args.domain)
     args.model = args.model or default_model()
-    settings = load_settings(
-        args.config,
-        args.model,
-        dtype=args.dtype,
-        kv_cache_mib=args.kv_cache_mib,
-        max_model_len=args.max_model_len,
-    )
+    settings = settings_from_args(args)
     table = TierTable.load(settings.tiers_file)
     tier = table.tiers[d.tier]
     res = calibrate(

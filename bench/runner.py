@@ -125,6 +125,17 @@ def load_settings(config: str, model: str, *, dtype: str, kv_cache_mib: int, max
     )
 
 
+def settings_from_args(args: Any) -> Settings:
+    """load_settings from the engine options every bench command takes (add_engine_arguments)."""
+    return load_settings(
+        args.config,
+        args.model,
+        dtype=args.dtype,
+        kv_cache_mib=args.kv_cache_mib,
+        max_model_len=args.max_model_len,
+    )
+
+
 # ---------------------------------------------------------------- jobs and results
 
 

@@ -33,9 +33,9 @@ from bench.runner import (
     Runner,
     default_model,
     engine_settings_note,
-    load_settings,
     plan_for,
     repo_path,
+    settings_from_args,
 )
 from services.engine import SamplingSpec
 from services.reasoning.domains import DomainRegistry
@@ -265,13 +265,7 @@ def replay_exit(fixed: JobResult, plan: RoundPlan) -> int:
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    settings = load_settings(
-        args.config,
-        args.model,
-        dtype=args.dtype,
-        kv_cache_mib=args.kv_cache_mib,
-        max_model_len=args.max_model_len,
-    )
+    settings = settings_from_args(args)
     table = TierTable.load(settings.tiers_file)
     threshold = DomainRegistry.load(settings.domains_file).threshold_for(EXIT_DOMAIN)
     problems = load_problems(args.suite, args.problems, args.seed)
