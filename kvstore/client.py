@@ -16,10 +16,17 @@ from kvstore.shard import BlockMeta, Shard, ShardConfig
 log = logging.getLogger("ponder.kvstore")
 
 NAMESPACE = "ponder"
+SHARD_PREFIX = "ponder-kv-shard-"
 
 
 def shard_name(node_id: str) -> str:
-    return f"ponder-kv-shard-{node_id[:12]}"
+    return f"{SHARD_PREFIX}{node_id[:12]}"
+
+
+def alive_nodes() -> list[str]:
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
 
 
 def start_shards(cfg: ShardConfig, node_ids: list[str]) -> dict[str, object]:
@@ -31,6 +38,9 @@ def start_shards(cfg: ShardConfig, node_ids: list[str]) -> dict[str, object]:
     handles = {}
     for node in node_ids:
         name = shard_name(node)
+        node_cfg = cfg  # a disk path may name its node: "{node}" (several nodes can share a machine)
+        if cfg.disk_path:
+            node_cfg = cfg.model_copy(update={"disk_path": cfg.disk_path.replace("{node}", node[:12])})
         handles[name] = actor.options(
             name=name,
             namespace=NAMESPACE,
@@ -38,7 +48,7 @@ def start_shards(cfg: ShardConfig, node_ids: list[str]) -> dict[str, object]:
             num_cpus=0,
             max_restarts=0,  # a shard's bytes die with its node; a restart would be empty anyway
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote(cfg)
+        ).remote(node_cfg)
     return handles
 
 
@@ -67,6 +77,13 @@ class StoreClient:
             del self.shards[name]
             self.ring.remove(name)
 
+    def replace_shards(self, shards: dict[str, object]) -> None:
+        """Adopt a fresh view of the live shards (sessions whose owner changed start cold)."""
+        if set(shards) != set(self.shards):
+            log.info("kv shards now %s", sorted(shards))
+            self.shards = dict(shards)
+            self.ring = HashRing(self.shards)
+
     def put(self, session: str, metas: list[BlockMeta], blobs: list[bytes]) -> int:
         if not self.shards:
             return 0
@@ -77,3 +94,20 @@ class StoreClient:
 
     def get(self, session: str, hashes: list[str]) -> list[bytes]:
         return self._call(session, "get", hashes, default=[]) if self.shards else []
+
+    def notify(self, session: str, method: str, *args) -> None:
+        """Fire and forget (retention hints): never waits, never fails the caller."""
+        if not self.shards:
+            return
+        try:
+            getattr(self.shards[self.ring.owner(session)], method).remote(*args)
+        except Exception as exc:  # a hint lost is a block kept a little longer
+            log.debug("kv hint %s for %s dropped: %s", method, session, exc)
+
+    def report_corrupt(self, session: str, hashes: list[str]) -> None:
+        if self.shards:
+            self._call(session, "report_corrupt", hashes, default=None)
+
+    def mark_round(self, session: str, round_: int) -> None:
+        if self.shards:
+            self._call(session, "mark_round", session, round_, default=None)

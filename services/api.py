@@ -65,6 +65,11 @@ class ReasoningOptions(BaseModel):
         None, description="cot: one chain of rounds; tot: Tree-of-Thought; default: the tier's."
     )
     tot: TotOptions | None = None
+    kv_store: bool | None = Field(
+        None,
+        description="Keep this request's KV in the cluster's KV store across rounds and workers "
+        "(default: on when the server has a store); false: nothing of it is stored.",
+    )
 
 
 class FeedbackRequest(BaseModel):

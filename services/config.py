@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.engine_config import EngineConfig
 from services.reasoning.budgets import BudgetConfig
@@ -66,6 +66,25 @@ class DepthControlConfig(_Strict):
     )
 
 
+class KvStoreConfig(_Strict):
+    """The KV-state store: one shard per Ray node, a vLLM connector in every worker, session affinity."""
+
+    enabled: bool = Field(False, description="Keep sessions' KV across rounds and workers.")
+    ram_bytes: int = Field(256 << 20, ge=1 << 20, description="Host RAM per shard (one shard per node).")
+    disk_bytes: int = Field(0, ge=0, description="Disk/NVMe tier per shard; 0 = none.")
+    disk_dir: str | None = Field(None, description="Folder of the disk tier's slot file (per node).")
+    retention_window_s: float = Field(600.0, gt=0, description="Idle sessions' blocks go first after this.")
+    timeout_s: float = Field(5.0, gt=0, le=60, description="A shard slower than this is a miss.")
+    affinity: bool = Field(True, description="Send a session's rounds to the worker holding its prefix.")
+    affinity_max_queue: int = Field(
+        4, ge=0, le=4096, description="Spill to another worker (store supplies the prefix) at this queue."
+    )
+    prefill_tokens_per_s: float = Field(
+        2000.0, gt=0, description="Cost model's prefill rate until the engine has measured its own."
+    )
+    load_margin: float = Field(1.2, ge=0, description="Load only when predicted this many times faster.")
+
+
 class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs of the embedded cluster.")
     dashboard: bool = Field(True, description="Start the Ray dashboard with the embedded cluster.")
@@ -83,8 +102,18 @@ class AppConfig(_Strict):
     worker: WorkerConfig = WorkerConfig()
     router: RouterConfig = RouterConfig()
     depth_control: DepthControlConfig = DepthControlConfig()
+    kvstore: KvStoreConfig = KvStoreConfig()
     ray: RayConfig = RayConfig()
     http: HttpConfig = HttpConfig()
+
+    @model_validator(mode="after")
+    def _store_needs_block_size(self) -> AppConfig:
+        if self.kvstore.enabled and self.engine.block_size is None:
+            raise ValueError(
+                "kvstore.enabled needs engine.block_size (the store's slots are sized from it; "
+                "32 is the smallest the CPU attention backend takes, 16 is common on GPUs)"
+            )
+        return self
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_CONFIG) -> AppConfig:

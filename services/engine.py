@@ -27,6 +27,13 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     top_logprobs: int = 5
     ignore_eos: bool = False
+    # (session, round, branch): lets the KV store keep and reuse this round's KV (None: not stored)
+    kv_tags: tuple[str, int, str] | None = None
+
+
+def round_tags(sampling: SamplingSpec, round_: int, branch: str = "") -> tuple[str, int, str] | None:
+    """The KV store's tags for one round of a session (the request's tags name the session)."""
+    return None if sampling.kv_tags is None else (sampling.kv_tags[0], round_, branch)
 
 
 @dataclass
@@ -39,7 +46,9 @@ class GenerateDelta:
     finished: bool = False
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens not computed: local prefix cache + KV store
+    kv_loaded_tokens: int = 0  # of which loaded from the KV store (final delta only)
+    worker: str = ""  # the replica that ran it (final delta only)
 
 
 @dataclass
@@ -55,6 +64,8 @@ class GenerateResult:
     ttft_ms: float = 0.0
     latency_ms: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    kv_loaded_tokens: int = 0
+    worker: str = ""  # the replica that ran it (set by the worker deployment)
 
 
 @dataclass(frozen=True)
@@ -123,4 +134,6 @@ async def collect(deltas: AsyncIterator[GenerateDelta]) -> GenerateResult:
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
         cached_tokens=last.cached_tokens,
+        kv_loaded_tokens=last.kv_loaded_tokens,
+        worker=last.worker,
     )

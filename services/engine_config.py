@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvstore.connector_config import KvConnectorConfig
+
 MiB = 1 << 20
 
 
@@ -65,6 +67,9 @@ class EngineConfig(BaseModel):
             "auto binding (NUMA node 0's cores but one: 1 on a 2-core box). N: in-process -> "
             "OMP_NUM_THREADS=N, unpinned; worker process -> pinned to the first N allowed CPUs."
         ),
+    )
+    kv_connector: KvConnectorConfig | None = Field(
+        None, description="Ponder's KV store connector (set from the app's kvstore section); None = off."
     )
     worker_process: bool = Field(
         False,

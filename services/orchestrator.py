@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.engine import GenerateDelta, GenerateResult, SamplingSpec
+from services.engine import GenerateDelta, GenerateResult, SamplingSpec, round_tags
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message, round_messages
@@ -139,6 +139,8 @@ class _Round:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     ttft_ms: float = 0.0
+    kv_loaded_tokens: int = 0
+    worker: str = ""
 
     def add(self, d: GenerateDelta, elapsed_ms: float) -> None:
         if not self.token_ids and d.token_ids:
@@ -148,6 +150,8 @@ class _Round:
         self.logprobs.extend(d.logprobs)
         self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
         self.cached_tokens = d.cached_tokens or self.cached_tokens
+        self.kv_loaded_tokens = d.kv_loaded_tokens or self.kv_loaded_tokens
+        self.worker = d.worker or self.worker
 
 
 class Orchestrator:
@@ -261,7 +265,9 @@ class Orchestrator:
             index = loop.next_index
             role = round_role(plan, index)
             spec = dataclasses.replace(
-                sampling, max_tokens=min(sampling.max_tokens, self._max_len - len(prompt))
+                sampling,
+                max_tokens=min(sampling.max_tokens, self._max_len - len(prompt)),
+                kv_tags=round_tags(sampling, index),
             )
             if role is StreamRole.REASONING:
                 yield ReasoningDelta(round_header(index))
@@ -342,6 +348,8 @@ class Orchestrator:
             prompt_tokens=acc.prompt_tokens or len(prompt),
             completion_tokens=len(acc.token_ids),
             cached_tokens=acc.cached_tokens,
+            kv_loaded_tokens=acc.kv_loaded_tokens,
+            worker=acc.worker,
             confidence=confidence,
             latency_ms=latency_ms,
             ttft_ms=acc.ttft_ms,

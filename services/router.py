@@ -30,6 +30,7 @@ from services.config import AppConfig
 from services.control import Control, DepthClient, api_key_id
 from services.depth_control import get_or_create
 from services.engine import GenerateDelta, GenerateResult, SamplingSpec
+from services.kv import start_store
 from services.orchestrator import ContextLengthError, Event, Finished, Orchestrator
 from services.reasoning.complexity import ComplexityConfig, pick_tier
 from services.reasoning.domains import DomainRegistry, detect_domain
@@ -72,6 +73,7 @@ class Router:
         self.control = DepthClient(self.depth, self.rcfg.depth_control_timeout_s, self.rcfg.tot_grant_wait_s)
         self._orchestrator: Orchestrator | None = None
         self.created = int(time.time())
+        self.kv = start_store(self.cfg)  # KV shards on every node, or None when the store is off
 
     async def _orch(self) -> Orchestrator:
         if self._orchestrator is None:
@@ -177,6 +179,9 @@ class Router:
                 yield ev
         finally:
             self.control.finish(rid, key, record)
+            if self.kv is not None:
+                # Its trace goes first when a shard needs room (kept while there is room).
+                self.kv.notify(rid, "mark_exited", rid)
 
     def _sampling(self, req: ChatRequest) -> SamplingSpec:
         cap = req.max_completion_tokens or req.max_tokens or self.rcfg.default_max_tokens
@@ -223,6 +228,8 @@ class Router:
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
         rid, key, control = responses.new_id(), api_key_id(request.headers.get("authorization")), Control()
+        if self.kv is not None and (req.reasoning is None or req.reasoning.kv_store is not False):
+            sampling = dataclasses.replace(sampling, kv_tags=(rid, 0, ""))  # the session is the request
         plan = await self._admit(rid, key, req, plan, control)
         grant, release = self.control.nodes(rid, control)
         events = self._session(

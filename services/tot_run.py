@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-from services.engine import GenerateResult, SamplingSpec
+from services.engine import GenerateResult, SamplingSpec, round_tags
 from services.reasoning.loop import RoundRecord
 from services.reasoning.prompts import Message
 from services.reasoning.tiers import Reason, RoundPlan
@@ -94,7 +94,11 @@ async def run_tot(
         header = f"[tot: expanding node {node.id} at depth {node.depth} into {granted}]\n"
         log.append(header)
         yield ReasoningDelta(header)
-        spec = dataclasses.replace(sampling, max_tokens=orch.room(sampling.max_tokens, prompt))
+        spec = dataclasses.replace(
+            sampling,
+            max_tokens=orch.room(sampling.max_tokens, prompt),
+            kv_tags=round_tags(sampling, node.depth, f"n{node.id}"),
+        )
         if granted > 1 and spec.temperature == 0.0:
             # Siblings must differ: a greedy request explores with sampling (seeded when it is).
             spec = dataclasses.replace(spec, temperature=GREEDY_TOT_TEMPERATURE)
@@ -159,6 +163,8 @@ def _round_of(r: GenerateResult):
         prompt_tokens=r.prompt_tokens,
         cached_tokens=r.cached_tokens,
         ttft_ms=r.ttft_ms,
+        kv_loaded_tokens=r.kv_loaded_tokens,
+        worker=r.worker,
     )
 
 

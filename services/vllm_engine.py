@@ -97,6 +97,23 @@ def prepare_environment(config: EngineConfig) -> None:
         log.info("engine env: %s=%s", key, value)
 
 
+def kv_transfer_config(config: EngineConfig) -> Any:
+    """Ponder's KV connector, loaded by vLLM from its module path; None when the store is off."""
+    if config.kv_connector is None:
+        return None
+    from vllm.config import KVTransferConfig
+
+    from kvstore.connector_config import CONNECTOR_CLASS, CONNECTOR_MODULE
+
+    return KVTransferConfig(
+        kv_connector=CONNECTOR_CLASS,
+        kv_connector_module_path=CONNECTOR_MODULE,
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",  # a bad or missing block costs time, never the request
+        kv_connector_extra_config=config.kv_connector.to_extra_config(),
+    )
+
+
 def engine_args(config: EngineConfig, model_path: str) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -113,6 +130,7 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
         seed=config.seed,
         block_size=config.block_size,
         distributed_executor_backend=executor_backend(config),
+        kv_transfer_config=kv_transfer_config(config),
         # Ponder records its own metrics; vLLM's periodic stats log is noise here.
         disable_log_stats=True,
     )
@@ -121,6 +139,8 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
 def sampling_params(spec: SamplingSpec) -> SamplingParams:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
+
+    from kvstore.planner import KvTags
 
     if spec.top_logprobs < 0:  # vLLM reads -1 as "the whole vocabulary"
         raise ValueError(f"top_logprobs must be >= 0, got {spec.top_logprobs}")
@@ -136,6 +156,7 @@ def sampling_params(spec: SamplingSpec) -> SamplingParams:
         output_kind=RequestOutputKind.DELTA,
         # Flat lists instead of a dict of Logprob objects per token: far less garbage.
         flat_logprobs=True,
+        extra_args=KvTags(*spec.kv_tags).as_extra_args() if spec.kv_tags else None,
     )
 
 
@@ -159,6 +180,14 @@ def top_logprobs(logprobs: Any) -> list[TopLogprobs]:
     return [_best_first((tid, lp.logprob) for tid, lp in pos.items()) for pos in logprobs]
 
 
+def kv_loaded_tokens(out: RequestOutput) -> int:
+    """Prompt tokens the KV store supplied (the connector's report on the finished request)."""
+    from kvstore.connector_config import REPORT_KEY
+
+    report = (getattr(out, "kv_transfer_params", None) or {}).get(REPORT_KEY) or {}
+    return int(report.get("loaded_tokens", 0))
+
+
 def to_delta(out: RequestOutput, prompt_tokens: int) -> GenerateDelta:
     completion = out.outputs[0]
     return GenerateDelta(
@@ -169,6 +198,7 @@ def to_delta(out: RequestOutput, prompt_tokens: int) -> GenerateDelta:
         finish_reason=completion.finish_reason if out.finished else None,
         prompt_tokens=prompt_tokens,
         cached_tokens=int(out.num_cached_tokens or 0),
+        kv_loaded_tokens=kv_loaded_tokens(out) if out.finished else 0,
     )
 
 
@@ -193,7 +223,7 @@ class _Child:
         self.logprobs.extend(top_logprobs(completion.logprobs))
         self.finish_reason = completion.finish_reason or self.finish_reason
 
-    def result(self, prompt_tokens: int, cached: int, latency_ms: float) -> GenerateResult:
+    def result(self, prompt_tokens: int, cached: int, latency_ms: float, loaded: int) -> GenerateResult:
         return GenerateResult(
             text="".join(self.text),
             token_ids=self.token_ids,
@@ -203,6 +233,7 @@ class _Child:
             cached_tokens=cached,
             ttft_ms=self.ttft_ms,
             latency_ms=latency_ms,
+            kv_loaded_tokens=loaded,
         )
 
 
@@ -286,15 +317,16 @@ class VllmEngine(Engine):
         params.n = n
         acc = [_Child() for _ in range(n)]
         start = time.perf_counter()
-        cached = 0
+        cached = loaded = 0
         async with contextlib.aclosing(self._outputs(request_id, prompt_token_ids, params)) as outputs:
             async for out in outputs:
                 elapsed = (time.perf_counter() - start) * 1000.0
                 for completion in out.outputs:
                     acc[completion.index].add(completion, elapsed)
                 cached = int(out.num_cached_tokens or 0)
+                loaded = max(loaded, kv_loaded_tokens(out) if out.finished else 0)
         latency = (time.perf_counter() - start) * 1000.0
-        return [c.result(len(prompt_token_ids), cached, latency) for c in acc]
+        return [c.result(len(prompt_token_ids), cached, latency, loaded) for c in acc]
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -27,6 +27,33 @@ def make_engine(cfg: EngineConfig) -> Engine:
     return VllmEngine(cfg, cfg.model_path)
 
 
+def with_cluster_address(cfg: EngineConfig) -> EngineConfig:
+    """The KV connector runs in vLLM's own process, which joins this Ray cluster by its GCS address."""
+    if cfg.kv_connector is None or cfg.kv_connector.ray_address:
+        return cfg
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    connector = cfg.kv_connector.model_copy(update={"ray_address": address})
+    return cfg.model_copy(update={"kv_connector": connector})
+
+
+def replica_name() -> str:
+    """This replica's id (reported per round as `worker`); "" outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a replica (unit tests): no name to report
+        return ""
+
+
+def spec_from_dict(spec: dict) -> SamplingSpec:
+    spec = dict(spec)
+    for key in ("stop", "kv_tags"):  # tuples arrive as lists
+        if spec.get(key) is not None:
+            spec[key] = tuple(spec[key])
+    return SamplingSpec(**spec)
+
+
 def delta_to_dict(d: GenerateDelta) -> dict:
     return dataclasses.asdict(d)
 
@@ -46,7 +73,8 @@ def result_from_dict(d: dict) -> GenerateResult:
 @serve.deployment(name="ReasoningWorker")
 class ReasoningWorker:
     async def __init__(self, engine: dict) -> None:
-        self.config = EngineConfig.model_validate(engine)
+        self.config = with_cluster_address(EngineConfig.model_validate(engine))
+        self.replica = replica_name()
         self.engine = make_engine(self.config)
         self.info = await self.engine.start()
         log.info("worker ready: %s", self.info)
@@ -54,17 +82,22 @@ class ReasoningWorker:
     async def generate_stream(
         self, request_id: str, prompt_token_ids: list[int], spec: dict
     ) -> AsyncIterator[dict]:
-        async for delta in self.engine.generate_stream(request_id, prompt_token_ids, SamplingSpec(**spec)):
+        async for delta in self.engine.generate_stream(request_id, prompt_token_ids, spec_from_dict(spec)):
+            if delta.finished:
+                delta.worker = self.replica
             yield delta_to_dict(delta)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], spec: dict) -> dict:
-        result = await self.engine.generate(request_id, prompt_token_ids, SamplingSpec(**spec))
+        result = await self.engine.generate(request_id, prompt_token_ids, spec_from_dict(spec))
+        result.worker = self.replica
         return dataclasses.asdict(result)
 
     async def generate_n(
         self, request_id: str, prompt_token_ids: list[int], spec: dict, n: int
     ) -> list[dict]:
-        results = await self.engine.generate_n(request_id, prompt_token_ids, SamplingSpec(**spec), n)
+        results = await self.engine.generate_n(request_id, prompt_token_ids, spec_from_dict(spec), n)
+        for r in results:
+            r.worker = self.replica
         return [dataclasses.asdict(r) for r in results]
 
     async def engine_info(self) -> dict:

@@ -28,9 +28,7 @@ def token_confidence(top: TopLogprobs, vocab_size: int) -> float:
     """1 - normalised entropy of one token's distribution, tail outside the top-k included."""
     if vocab_size < 2:
         raise ValueError("vocab_size must be at least 2")
-    probs = {
-        tid: math.exp(lp) for tid, lp in top
-    }  # a dict: the sampled token may repeat a top-k one
+    probs = {tid: math.exp(lp) for tid, lp in top}  # a dict: the sampled token may repeat a top-k one
     entropy = -sum(p * math.log(p) for p in probs.values() if p > 0.0)
     tail = 1.0 - sum(probs.values())
     rest = vocab_size - len(probs)

@@ -46,6 +46,8 @@ class RoundRecord:
     answer: str | None = None  # the extracted, normalised final answer
     detail: tuple[str, ...] = ()  # why the exit rule held or not
     pruned: dict | None = None  # how this round's prompt was cut to fit the context, if it was
+    kv_loaded_tokens: int = 0  # prompt tokens the KV store supplied (the rest of cached_tokens: local)
+    worker: str = ""  # the worker replica that ran the round
 
     def signals_or_confidence(self) -> Signals | float | None:
         return self.signals if self.signals is not None else self.confidence
@@ -55,7 +57,9 @@ class RoundRecord:
             "index": self.index,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
-            "kv_cached_tokens": self.cached_tokens,
+            "worker": self.worker,
+            "kv_cached_tokens": max(self.cached_tokens - self.kv_loaded_tokens, 0),
+            "kv_loaded_tokens": self.kv_loaded_tokens,
             "confidence": None if self.confidence is None else round(self.confidence, 4),
             "latency_ms": round(self.latency_ms, 2),
             "ttft_ms": round(self.ttft_ms, 2),
@@ -112,9 +116,7 @@ class RoundLoop:
         verdict = local if remote is None or guarded else remote
         record.decision = verdict.reason.value
         record.detail = verdict.detail
-        record.decided_by = (
-            "local" if remote is None or (guarded and remote != local) else "depth_control"
-        )
+        record.decided_by = "local" if remote is None or (guarded and remote != local) else "depth_control"
         if verdict.action is Action.EXIT:
             self.exit_reason = verdict.reason
         return verdict

@@ -60,9 +60,7 @@ class TierTable(BaseModel):
         missing = [t for t in TIER_NAMES if t not in self.tiers]
         unknown = [t for t in self.tiers if t not in TIER_NAMES]
         if missing or unknown:
-            raise ValueError(
-                f"tiers must be exactly {TIER_NAMES}; missing {missing}, unknown {unknown}"
-            )
+            raise ValueError(f"tiers must be exactly {TIER_NAMES}; missing {missing}, unknown {unknown}")
         if self.default_tier not in self.tiers:
             raise ValueError(f"default_tier {self.default_tier!r} is not a tier")
         return self
@@ -122,9 +120,7 @@ def make_plan(
     """
     name = tier or table.default_tier
     if name not in table.tiers:
-        raise PlanError(
-            f"unknown tier {name!r}; use one of {', '.join(TIER_NAMES)}", "reasoning.tier"
-        )
+        raise PlanError(f"unknown tier {name!r}; use one of {', '.join(TIER_NAMES)}", "reasoning.tier")
     t = table.tiers[name]
     ceiling = t.max_rounds if max_rounds is None else max_rounds
     if not 1 <= ceiling <= t.max_rounds:

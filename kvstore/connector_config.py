@@ -1,0 +1,40 @@
+"""Typed settings of Ponder's vLLM KV connector (kvstore/connector.py), importable without vLLM.
+
+They travel to vLLM's engine-core process inside `KVTransferConfig.kv_connector_extra_config`
+(`to_extra_config`) and are validated again there.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONNECTOR_CLASS = "PonderKVConnector"
+CONNECTOR_MODULE = "kvstore.connector"
+REPORT_KEY = "ponder_kv"  # in vLLM's RequestOutput.kv_transfer_params of a finished request
+
+
+class KvConnectorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1, description="Model id written into every block and checked on load.")
+    store: Literal["ray", "local"] = Field(
+        "ray",
+        description="ray: the cluster's shard actors (found by name); local: a shard inside the engine "
+        "process (one engine, tests and benchmarks).",
+    )
+    ray_address: str | None = Field(None, description="GCS address of the cluster (set by the worker).")
+    namespace: str = Field("ponder", description="Ray namespace of the shard actors.")
+    timeout_s: float = Field(5.0, gt=0, description="A shard slower than this is a miss.")
+    local_ram_slots: int = Field(512, ge=1, description="Blocks held by the local store.")
+    prefill_tokens_per_s: float = Field(
+        2000.0, gt=0, description="Cost model's prefill rate until measured (tokens/s)."
+    )
+    load_bytes_per_s: float = Field(1.0e9, gt=0, description="Cost model's load bandwidth until measured.")
+    load_margin: float = Field(1.2, ge=0, description="A load must be predicted this many times faster.")
+    save: bool = Field(True, description="Save completed blocks (False: load only).")
+    load: bool = Field(True, description="Load from the store (False: save only, e.g. to measure).")
+
+    def to_extra_config(self) -> dict:
+        return self.model_dump()

@@ -1,0 +1,72 @@
+"""Session affinity for reasoning rounds: a session's next round goes to the worker that ran its last.
+
+That worker's local prefix cache holds the session's KV, so the round computes only what is new.
+When that worker is busy (its queue at `max_queue` or more) the round goes to the least-loaded other
+worker instead and the KV store supplies the prefix there. `rank` is the pure policy; the
+`SessionAffinityRouter` shell plugs it into Ray Serve as the worker deployment's request router.
+Affinity is per router replica (each keeps its own table); a miss costs a store load, not an error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from typing import Any
+
+from ray.serve._private.request_router.request_router import RequestRouter
+
+MAX_SESSIONS = 100_000
+
+
+def rank(holder: str | None, queues: dict[str, int], max_queue: int) -> list[list[str]]:
+    """Replica ids in order of preference, one per rank: the holder first unless it is busy, then by
+    queue length (ties broken by id, so the order is reproducible)."""
+    others = sorted((r for r in queues if r != holder), key=lambda r: (queues[r], r))
+    if holder in queues:
+        if queues[holder] < max_queue:
+            return [[holder], *([r] for r in others)]
+        return [*([r] for r in others), [holder]]
+    return [[r] for r in others]
+
+
+def session_of(args: Any) -> str | None:
+    """The session of a worker call `(request_id, prompt_token_ids, spec, ...)`: spec["kv_tags"][0]."""
+    if isinstance(args, (list, tuple)) and len(args) >= 3 and isinstance(args[2], dict):
+        tags = args[2].get("kv_tags")
+        if isinstance(tags, (list, tuple)) and tags and isinstance(tags[0], str):
+            return tags[0]
+    return None
+
+
+class SessionAffinityRouter(RequestRouter):
+    def initialize_state(self, max_queue: int = 4, **kwargs: Any) -> None:
+        self.max_queue = max_queue
+        self.holders: OrderedDict[str, str] = OrderedDict()
+        self.stats = {"affinity_hits": 0, "affinity_spills": 0, "new_sessions": 0}
+
+    async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
+        session = session_of(pending_request.args) if pending_request is not None else None
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if session is None:
+            two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
+            return [two]  # Serve probes both and takes the shorter queue (power of two choices)
+        cache = self._replica_queue_len_cache
+        queues = {rid: cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
+        holder = self.holders.get(session)
+        order = rank(holder, queues, self.max_queue)
+        if holder is None:
+            self.stats["new_sessions"] += 1
+        elif order and order[0] == [holder]:
+            self.stats["affinity_hits"] += 1
+        else:
+            self.stats["affinity_spills"] += 1
+        return [[by_id[rid] for rid in group] for group in order]
+
+    def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        session = session_of(pending_request.args)
+        if session is None:
+            return
+        self.holders[session] = replica_id.unique_id
+        self.holders.move_to_end(session)
+        if len(self.holders) > MAX_SESSIONS:
+            self.holders.popitem(last=False)

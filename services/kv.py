@@ -1,0 +1,27 @@
+"""The router's side of the KV store: start the shards, and the client for retention hints."""
+
+from __future__ import annotations
+
+from services.config import AppConfig
+
+
+def start_store(cfg: AppConfig) -> object | None:
+    """One KV shard per live Ray node (idempotent: existing shards are kept) and a client for hints."""
+    kv = cfg.kvstore
+    if not kv.enabled:
+        return None
+    from kvstore.client import StoreClient, alive_nodes, start_shards
+    from kvstore.pool import slot_bytes_for
+    from kvstore.shard import ShardConfig
+    from kvstore.sizing import block_payload_bytes
+
+    assert cfg.engine.model_path and cfg.engine.block_size  # checked by AppConfig and build_app
+    slot = slot_bytes_for(block_payload_bytes(cfg.engine.model_path, cfg.engine.block_size, cfg.engine.dtype))
+    shard = ShardConfig(
+        ram_slots=max(1, kv.ram_bytes // slot),
+        disk_slots=kv.disk_bytes // slot,
+        slot_bytes=slot,
+        disk_path=None if not kv.disk_bytes else f"{kv.disk_dir or '/tmp/ponder-kv'}/slots-{{node}}.bin",
+        retention_window_s=kv.retention_window_s,
+    )
+    return StoreClient(start_shards(shard, alive_nodes()), timeout_s=kv.timeout_s)

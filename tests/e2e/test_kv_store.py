@@ -1,0 +1,162 @@
+"""The KV store serving real rounds on a multi-node Ray cluster (head + 2 shard-only nodes) with 2 CPU
+vLLM workers. vLLM's local prefix cache is off here, so every reused token comes from the store and
+every reference output is a true recompute."""
+
+import concurrent.futures as cf
+import os
+import random
+
+import httpx
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.local import OFFLINE_ENV, deploy
+from kvstore.chain import block_hashes, model_key
+from kvstore.client import SHARD_PREFIX, shard_name
+from kvstore.codec import BlockHeader, encode
+from kvstore.shard import BlockMeta
+from services.reasoning.prompts import Message, round_messages
+from services.tokenizer import HfTokenizer
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 32
+ROUNDS = {"tier": "medium", "max_rounds": 3, "min_rounds": 3}
+
+
+@pytest.fixture(scope="module")
+def cfg(app_config):
+    cfg = app_config.model_copy(deep=True)
+    cfg.engine.block_size = BLOCK
+    cfg.engine.enable_prefix_caching = False  # reuse only through the store: references are recomputes
+    cfg.worker.num_replicas = 2
+    cfg.kvstore.enabled = True
+    cfg.kvstore.ram_bytes = 64 << 20
+    cfg.kvstore.affinity_max_queue = 0  # every round spills to the other worker: the store must serve it
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cluster(cfg):
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    # Shard-only nodes: no CPUs, so workers, routers and depth control stay on the head.
+    nodes = [c.add_node(num_cpus=0) for _ in range(2)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace=cfg.depth_control.namespace, log_to_driver=False)
+    try:
+        deploy(cfg, progress=lambda m: print(m, flush=True))
+        yield c, nodes
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(cluster, cfg):
+    with httpx.Client(base_url=f"http://{cfg.http.host}:{cfg.http.port}", timeout=600) as c:
+        yield c
+
+
+def ask(http, cfg, question, kv=True):
+    body = {
+        "model": cfg.engine.model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "seed": 3,
+        "reasoning": {**ROUNDS, "kv_store": kv},
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["reasoning"]["rounds"]
+
+
+def texts(http, cfg, question, kv):
+    rounds = ask(http, cfg, question, kv)
+    return [r["answer"] for r in rounds], rounds
+
+
+def shards():
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(SHARD_PREFIX)
+    ]
+    return {n: ray.get_actor(n, namespace="ponder") for n in names}
+
+
+Q1 = "A farmer has 17 sheep and buys 25 more, then sells 9. How many sheep does the farmer have? Explain."
+
+
+def test_next_round_on_the_other_worker_loads_its_prefix_and_equals_recompute(http, cfg):
+    reference, ref_rounds = texts(http, cfg, Q1, kv=False)
+    assert all(r["kv_loaded_tokens"] == 0 for r in ref_rounds)
+    got, rounds = texts(http, cfg, Q1, kv=True)
+    assert len(rounds) == 3
+    assert rounds[1]["worker"] != rounds[0]["worker"]  # spilled: the store must supply the prefix
+    for r in rounds[1:]:
+        # The previous round's prompt and answer, in whole blocks, came from the store.
+        assert r["kv_loaded_tokens"] >= BLOCK, r
+        assert r["kv_loaded_tokens"] % BLOCK == 0
+    assert got == reference  # greedy: loading the KV changed nothing
+
+
+Q2 = "List three prime numbers greater than 20 and say why each one is prime."
+
+
+def test_a_corrupted_block_is_rejected_and_recomputed(http, cfg):
+    # Forge the blocks of round 0's prompt in every shard: right addresses, damaged payloads.
+    tok = HfTokenizer(cfg.engine.model_path)
+    ids = tok.render(round_messages([Message("user", Q2)], []))
+    key = model_key(cfg.engine.model, "bfloat16", BLOCK)
+    hashes = block_hashes(key, ids, BLOCK)[: (len(ids) - 1) // BLOCK]
+    assert hashes, "the prompt must span at least one whole block"
+    shape = (30, 3, BLOCK, 128)  # SmolLM2: 30 layers x 3 KV heads x block x (K|V of 64)
+    layout = f"stack0:{list(shape)}"  # what the connector writes on CPU
+    rng = random.Random(5)
+    blobs = []
+    for h in hashes:
+        header = BlockHeader(key, "bfloat16", layout, shape, bytes.fromhex(h), "forger", 0)
+        blob = bytearray(encode(header, rng.randbytes(30 * 3 * BLOCK * 128 * 2)))
+        blob[-1] ^= 0xFF  # one flipped bit-pattern: the payload no longer matches its checksum
+        blobs.append(bytes(blob))
+    for shard in shards().values():
+        ray.get(shard.put.remote([BlockMeta(h, "forger", 0) for h in hashes], blobs))
+    got, rounds = texts(http, cfg, Q2, kv=True)
+    assert rounds[0]["kv_loaded_tokens"] == 0  # every forged block rejected: round 0 recomputed
+    assert rounds[1]["kv_loaded_tokens"] >= BLOCK  # the recomputed blocks were saved and reused
+    reference, _ = texts(http, cfg, Q2, kv=False)
+    assert got == reference
+
+
+QS = [
+    "What is 12 times 11? Show the steps.",
+    "Name the largest planet in the solar system and one fact about it.",
+    "If a train travels 60 km in 45 minutes, what is its speed in km/h?",
+    "Spell the word 'reasoning' backwards and count its letters.",
+]
+
+
+def test_a_shard_node_removed_mid_run_fails_no_request(cluster, http, cfg):
+    c, nodes = cluster
+    reference = {q: texts(http, cfg, q, kv=False)[0] for q in QS}
+    victim = nodes[0]
+    assert shard_name(victim.node_id) in shards()
+    with cf.ThreadPoolExecutor(len(QS)) as pool:
+        futures = {pool.submit(texts, http, cfg, q, True): q for q in QS}
+        done = next(cf.as_completed(futures))  # one finished, the others still mid-session
+        c.remove_node(victim)
+        results = {futures[f]: f.result() for f in futures}  # raises if any request failed
+    assert done.done()
+    for q, (answers, rounds) in results.items():
+        assert answers == reference[q], q  # lost blocks were recomputed: same greedy output
+        assert len(rounds) == 3
+    # The cluster goes on: a fresh session still reuses its prefix through the surviving shards.
+    _, rounds = texts(http, cfg, QS[0] + " Answer briefly.", kv=True)
+    assert any(r["kv_loaded_tokens"] > 0 for r in rounds[1:])

@@ -1,0 +1,35 @@
+"""Session affinity policy (services/affinity.py) and block sizing (kvstore/sizing.py)."""
+
+import json
+
+import pytest
+
+from kvstore.sizing import block_payload_bytes
+from services.affinity import rank, session_of
+
+
+def test_holder_first_unless_busy_then_least_loaded():
+    queues = {"a": 2, "b": 0, "c": 1}
+    assert rank("a", queues, max_queue=4) == [["a"], ["b"], ["c"]]
+    assert rank("a", queues, max_queue=2) == [["b"], ["c"], ["a"]]  # busy holder: spill, store serves
+    assert rank(None, queues, max_queue=4) == [["b"], ["c"], ["a"]]
+    assert rank("gone", queues, max_queue=4) == [["b"], ["c"], ["a"]]  # holder's replica died
+    assert rank("a", {"a": 0, "b": 0}, max_queue=0) == [["b"], ["a"]]  # 0: always spread
+    assert rank("x", {"b": 1, "a": 1}, 4) == [["a"], ["b"]]  # ties: by id, reproducible
+
+
+def test_session_comes_from_the_round_spec():
+    assert session_of(("rid", [1, 2], {"kv_tags": ["s", 1, ""]})) == "s"
+    assert session_of(("rid", [1, 2], {"kv_tags": None})) is None
+    assert session_of(("rid", [1, 2], {})) is None
+    assert session_of(("rid",)) is None
+    assert session_of(None) is None
+
+
+def test_block_bytes_from_the_model_config(tmp_path):
+    cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert block_payload_bytes(tmp_path, 32) == 30 * 2 * 3 * 64 * 32 * 2  # SmolLM2-135M: 737,280
+    assert block_payload_bytes(tmp_path, 16, "float32") == 30 * 2 * 3 * 64 * 16 * 4
+    with pytest.raises(ValueError):
+        block_payload_bytes(tmp_path, 16, "int3")
