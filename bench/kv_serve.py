@@ -1,0 +1,264 @@
+"""The KV store measured with real engines: restore vs recompute, and prefix reuse in served sessions.
+
+- `restore_vs_recompute_speedup_2k`: one CPU vLLM engine with Ponder's connector and one real shard
+  actor on a local Ray cluster. Per trial a fresh 2048-token prefix is saved (one request), the
+  engine's local prefix cache is emptied, then the next round (prefix + 32 new tokens, 1 output
+  token) runs twice: with the prefix loaded from the store, and recomputed (untagged). Medians of
+  time-to-first-token; each restore is checked to have loaded the whole 2048-token prefix.
+- `prefix_reuse_fraction`: the app served on a local cluster with 2 workers; multi-round sessions
+  over a shared ~600-token document, several in flight. For every round after the first, reused =
+  local prefix-cache tokens + store-loaded tokens, over the prefix it shares with the previous
+  round (that round's prompt + output). Measured with session affinity (the default), with every
+  round forced onto the other worker, and forced with vLLM's local prefix cache off (all reuse
+  comes from the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import random
+import statistics
+import time
+from typing import Any
+
+from cluster.models import DEFAULT_MODEL, ensure_model
+
+BLOCK = 32
+PREFIX = 2048
+WORDS = [
+    "river",
+    "port",
+    "ferry",
+    "market",
+    "town",
+    "stone",
+    "bridge",
+    "harbour",
+    "merchant",
+    "grain",
+    "wool",
+    "cloth",
+    "salt",
+    "iron",
+    "timber",
+    "guild",
+    "charter",
+    "mayor",
+    "council",
+    "tax",
+    "toll",
+    "road",
+    "canal",
+    "mill",
+    "forge",
+    "quay",
+    "warehouse",
+    "ledger",
+    "coin",
+    "silver",
+    "season",
+    "flood",
+    "drought",
+    "harvest",
+    "winter",
+    "spring",
+    "trade",
+    "route",
+    "caravan",
+    "ship",
+    "crew",
+    "captain",
+    "pilot",
+    "tide",
+]
+
+
+def _text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+def _prefix_ids(tok: Any, rng: random.Random) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < PREFIX:
+        ids += tok(_text(rng, 400), add_special_tokens=False)["input_ids"]
+    return ids[:PREFIX]
+
+
+async def _restore(trials: int, progress) -> dict:
+    import ray
+    from transformers import AutoTokenizer
+
+    from kvstore.client import start_shards
+    from kvstore.connector_config import KvConnectorConfig
+    from kvstore.pool import slot_bytes_for
+    from kvstore.shard import ShardConfig
+    from kvstore.sizing import block_payload_bytes
+    from services.engine import SamplingSpec
+    from services.engine_config import EngineConfig
+    from services.vllm_engine import VllmEngine
+
+    path = str(ensure_model(DEFAULT_MODEL))
+    slot = slot_bytes_for(block_payload_bytes(path, BLOCK))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ponder", log_to_driver=False)
+    engine = None
+    try:
+        (shard,) = start_shards(
+            ShardConfig(ram_slots=80 * (trials + 1), slot_bytes=slot),
+            [ray.get_runtime_context().get_node_id()],
+        ).values()
+        ray.get(shard.stats.remote())  # the shard is up before the engine looks for it
+        kv = KvConnectorConfig(model=DEFAULT_MODEL, ray_address=ray.get_runtime_context().gcs_address)
+        cfg = EngineConfig(
+            model=DEFAULT_MODEL,
+            model_path=path,
+            max_model_len=4096,
+            kv_cache_memory_bytes=256 << 20,
+            block_size=BLOCK,
+            kv_connector=kv,
+        )
+        engine = VllmEngine(cfg, path)
+        await engine.start()
+        llm = engine._require()
+        tok = AutoTokenizer.from_pretrained(path)
+        rng = random.Random(11)
+
+        async def timed(ids, tags):
+            spec = SamplingSpec(max_tokens=1, temperature=0.0, kv_tags=tags)
+            t0 = time.perf_counter()
+            r = await engine.generate(f"b{time.perf_counter_ns()}", ids, spec)
+            return time.perf_counter() - t0, r
+
+        await timed(_prefix_ids(tok, rng)[:256], None)  # warm-up
+        restore, recompute, save = [], [], []
+        for i in range(trials):
+            prefix = _prefix_ids(tok, rng)
+            nxt = prefix + tok(_text(rng, 20), add_special_tokens=False)["input_ids"][:32]
+            t_save, _ = await timed(prefix + [13], (f"trial{i}", 0, ""))
+            await llm.reset_prefix_cache()
+            t_load, r = await timed(nxt, (f"trial{i}", 1, ""))
+            if r.kv_loaded_tokens != PREFIX:
+                raise RuntimeError(f"trial {i}: loaded {r.kv_loaded_tokens} of {PREFIX} prefix tokens")
+            await llm.reset_prefix_cache()
+            t_re, r2 = await timed(nxt, None)
+            if r2.kv_loaded_tokens or r2.cached_tokens:
+                raise RuntimeError(f"trial {i}: the recompute reused {r2.cached_tokens} tokens")
+            await llm.reset_prefix_cache()
+            restore.append(t_load)
+            recompute.append(t_re)
+            save.append(t_save)
+            progress(
+                f"  trial {i}: save {t_save * 1e3:.0f} ms, restore {t_load * 1e3:.0f} ms, "
+                f"recompute {t_re * 1e3:.0f} ms"
+            )
+        med = statistics.median
+        return {
+            "restore_vs_recompute_speedup_2k": round(med(recompute) / med(restore), 2),
+            "restore_ttft_ms_median": round(med(restore) * 1e3, 1),
+            "recompute_ttft_ms_median": round(med(recompute) * 1e3, 1),
+            "save_request_ms_median": round(med(save) * 1e3, 1),
+            "restore_trials": trials,
+            "block_tokens": BLOCK,
+            "prefix_tokens": PREFIX,
+        }
+    finally:
+        if engine is not None:
+            await engine.shutdown()
+        ray.shutdown()
+
+
+def measure_restore(trials: int = 5, progress=print) -> dict:
+    progress(f"restore vs recompute: {trials} trials of a {PREFIX}-token prefix (engine start ~40 s)")
+    return asyncio.run(_restore(trials, progress))
+
+
+QUESTIONS = [
+    "Which goods passed through the port most often, according to the record?",
+    "What happened to the bridge during the floods?",
+    "Who collected the tolls, and on what?",
+    "How did the guild charter change trade?",
+    "Which season brought the most ships?",
+    "What did the council build after the drought?",
+    "Name two routes the caravans used.",
+    "What was stored in the warehouses by the quay?",
+]
+
+
+def _sessions(url: str, model: str, doc: str, n: int, rounds: int, concurrency: int) -> list[list[dict]]:
+    import httpx
+
+    def one(i: int) -> list[dict]:
+        body = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": doc},
+                {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+            ],
+            "max_tokens": 48,
+            "temperature": 0.7,
+            "seed": 100 + i,
+            "reasoning": {"tier": "medium", "max_rounds": rounds, "min_rounds": rounds},
+        }
+        with httpx.Client(base_url=url, timeout=900) as c:
+            r = c.post("/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return r.json()["reasoning"]["rounds"]
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def reuse_of(sessions: list[list[dict]]) -> dict:
+    """Reused prefix tokens over shared prefix tokens, rounds after the first."""
+    shared = local = loaded = switches = later = 0
+    for rounds in sessions:
+        for prev, cur in zip(rounds, rounds[1:], strict=False):
+            shared += min(prev["prompt_tokens"] + prev["completion_tokens"], cur["prompt_tokens"])
+            local += cur["kv_cached_tokens"]
+            loaded += cur["kv_loaded_tokens"]
+            switches += cur["worker"] != prev["worker"]
+            later += 1
+    return {
+        "prefix_reuse_fraction": round((local + loaded) / shared, 4) if shared else None,
+        "from_local_cache": round(local / shared, 4) if shared else None,
+        "from_store": round(loaded / shared, 4) if shared else None,
+        "worker_switches": switches,
+        "later_rounds": later,
+        "shared_prefix_tokens": shared,
+    }
+
+
+def measure_reuse(sessions: int = 6, rounds: int = 4, concurrency: int = 3, progress=print) -> dict:
+    from cluster.local import free_port, running
+    from services.config import DEFAULT_CONFIG, AppConfig
+
+    doc = "Harbour record. " + _text(random.Random(3), 420)
+    out = {}
+    modes = (("affinity", 4, True), ("spill", 0, True), ("store_only", 0, False))
+    for mode, max_queue, local_cache in modes:
+        cfg = AppConfig.load(DEFAULT_CONFIG)
+        cfg.engine.model_path = str(ensure_model(cfg.engine.model))
+        cfg.engine.block_size = BLOCK
+        cfg.engine.max_model_len = 4096
+        cfg.engine.kv_cache_memory_bytes = 256 << 20
+        cfg.engine.enable_prefix_caching = local_cache  # off: every reused token comes from the store
+        cfg.worker.num_replicas = 2
+        cfg.ray.dashboard = False
+        cfg.ray.num_cpus = 4
+        cfg.http.port = free_port()
+        cfg.kvstore.enabled = True
+        cfg.kvstore.affinity_max_queue = max_queue
+        cfg.depth_control.state_dir = None
+        progress(f"prefix reuse, {mode}: {sessions} sessions x {rounds} rounds, {concurrency} in flight")
+        with running(cfg, progress=progress) as url:
+            t0 = time.perf_counter()
+            res = reuse_of(_sessions(url, cfg.engine.model, doc, sessions, rounds, concurrency))
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+        progress(f"  {mode}: {res}")
+        out[mode] = res
+    return {
+        "prefix_reuse_fraction": out["affinity"]["prefix_reuse_fraction"],
+        "prefix_reuse_fraction_spill": out["spill"]["prefix_reuse_fraction"],
+        "prefix_reuse_fraction_store_only": out["store_only"]["prefix_reuse_fraction"],
+        "prefix_reuse": out,
+    }
