@@ -40,8 +40,8 @@ class LocalStore:
     def report_corrupt(self, session: str, hashes: list[str]) -> None:
         self.shard.report_corrupt(hashes)
 
-    def mark_round(self, session: str, round_: int) -> None:
-        self.shard.mark_round(session, round_)
+    def notify(self, session: str, method: str, *args) -> None:
+        getattr(self.shard, method)(*args)
 
 
 class RayStore(StoreClient):
