@@ -89,6 +89,7 @@ async def _restore(trials: int, progress) -> dict:
     import ray
     from transformers import AutoTokenizer
 
+    from kvstore.chain import block_hashes, model_key
     from kvstore.client import start_shards
     from kvstore.connector_config import KvConnectorConfig
     from kvstore.pool import slot_bytes_for
@@ -152,7 +153,11 @@ async def _restore(trials: int, progress) -> dict:
                 f"recompute {t_re * 1e3:.0f} ms"
             )
         med = statistics.median
+        sample = ray.get(
+            shard.get.remote(block_hashes(model_key(DEFAULT_MODEL, "bfloat16", BLOCK), nxt, BLOCK))
+        )
         return {
+            **compression_of(sample),
             "restore_vs_recompute_speedup_2k": round(med(recompute) / med(restore), 2),
             "restore_ttft_ms_median": round(med(restore) * 1e3, 1),
             "recompute_ttft_ms_median": round(med(recompute) * 1e3, 1),
@@ -165,6 +170,28 @@ async def _restore(trials: int, progress) -> dict:
         if engine is not None:
             await engine.shutdown()
         ray.shutdown()
+
+
+def compression_of(blocks: list[bytes]) -> dict:
+    """Does compressing real KV blocks pay? zlib level 1 (the fastest) against a plain copy."""
+    import zlib
+
+    import numpy as np
+
+    raw = b"".join(blocks)
+    t0 = time.perf_counter()
+    packed = zlib.compress(raw, 1)
+    t_zip = time.perf_counter() - t0
+    src = np.frombuffer(raw, dtype=np.uint8)
+    t0 = time.perf_counter()
+    src.copy()
+    t_copy = time.perf_counter() - t0
+    return {
+        "compression_sample_bytes": len(raw),
+        "zlib1_ratio": round(len(packed) / len(raw), 4),
+        "zlib1_gbps": round(len(raw) / t_zip / 1e9, 3),
+        "memcpy_gbps_sample": round(len(raw) / t_copy / 1e9, 3),
+    }
 
 
 def measure_restore(trials: int = 5, progress=print) -> dict:

@@ -30,6 +30,7 @@ def start_ray(cfg: AppConfig) -> None:
         include_dashboard=cfg.ray.dashboard,
         dashboard_host="127.0.0.1",
         dashboard_port=cfg.ray.dashboard_port,
+        _metrics_export_port=cfg.ray.metrics_export_port,
         runtime_env={"env_vars": dict(OFFLINE_ENV)},
         log_to_driver=False,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from kvstore.ring import HashRing
-from kvstore.shard import BlockMeta, Shard, ShardConfig
+from kvstore.shard import BlockMeta, ShardConfig
 
 log = logging.getLogger("ponder.kvstore")
 
@@ -34,7 +34,9 @@ def start_shards(cfg: ShardConfig, node_ids: list[str]) -> dict[str, object]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor = ray.remote(Shard)
+    from kvstore.shard_actor import ShardActor
+
+    actor = ray.remote(ShardActor)
     handles = {}
     for node in node_ids:
         name = shard_name(node)
@@ -103,6 +105,14 @@ class StoreClient:
             getattr(self.shards[self.ring.owner(session)], method).remote(*args)
         except Exception as exc:  # a hint lost is a block kept a little longer
             log.debug("kv hint %s for %s dropped: %s", method, session, exc)
+
+    def notify_all(self, method: str, *args) -> None:
+        """Fire and forget to every shard (e.g. `publish` metrics)."""
+        for handle in list(self.shards.values()):
+            try:
+                getattr(handle, method).remote(*args)
+            except Exception as exc:
+                log.debug("kv %s dropped: %s", method, exc)
 
     def report_corrupt(self, session: str, hashes: list[str]) -> None:
         if self.shards:

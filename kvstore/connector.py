@@ -40,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvstore.chain import model_key
 from kvstore.codec import BlockHeader, CodecError, decode, encode
 from kvstore.connector_config import REPORT_KEY, KvConnectorConfig
+from kvstore.connector_metrics import connector_metrics
 from kvstore.cost import CostModel
 from kvstore.engine_store import shared_store
 from kvstore.planner import KvTags, Planner, StepPlan
@@ -88,6 +89,7 @@ class PonderKVConnector(KVConnectorBase_V1):
             ),
         )
         self.store = shared_store(self.cfg, slot_bytes_for(self.bytes_per_block))
+        self.metrics = connector_metrics(self.cost)
         self.stats = {"loaded_blocks": 0, "load_failed_blocks": 0, "saved_blocks": 0, "rejected": {}}
         if role == KVConnectorRole.SCHEDULER:
             lookup = self.store.lookup if self.cfg.load else (lambda session, hashes: 0)
@@ -109,7 +111,12 @@ class PonderKVConnector(KVConnectorBase_V1):
             self.store.notify(tags.session, "mark_round", tags.session, tags.round)
             if len(self._marked) > 65536:
                 self._marked.pop(next(iter(self._marked)))
-        return self.planner.match(request.request_id, tags, tokens, num_computed_tokens), False
+        n = self.planner.match(request.request_id, tags, tokens, num_computed_tokens)
+        if tags is not None:
+            st = self.planner.reqs.get(request.request_id)
+            result = "hit" if n else (st.decision if st is not None and st.decision else "miss")
+            self.metrics.lookups.inc(1, tags={"result": result})
+        return n, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         self.planner.allocated(request.request_id, num_external_tokens)
@@ -196,6 +203,7 @@ class PonderKVConnector(KVConnectorBase_V1):
                     raise CodecError("header", "block is not the one asked for")
             except CodecError as e:
                 self.stats["rejected"][e.reason] = self.stats["rejected"].get(e.reason, 0) + 1
+                self.metrics.rejected.inc(1, tags={"reason": e.reason})
                 log.warning("kv block %s rejected (%s): recomputing from it", h[:12], e)
                 self.store.report_corrupt(session, [h])
                 break
@@ -206,8 +214,11 @@ class PonderKVConnector(KVConnectorBase_V1):
             self._load_errors.update(block_ids[good:])
             self.stats["load_failed_blocks"] += len(hashes) - good
         self.stats["loaded_blocks"] += good
+        elapsed = time.perf_counter() - t0
+        self.metrics.moved("loaded", good, elapsed)
+        self.metrics.moved("load_failed", len(hashes) - good)
         if good:
-            self.cost.observe_load(nbytes, time.perf_counter() - t0)
+            self.cost.observe_load(nbytes, elapsed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous: done before the forward pass starts
@@ -223,6 +234,8 @@ class PonderKVConnector(KVConnectorBase_V1):
             forward_s = time.perf_counter() - self._t_forward - self._t_loading
             self.cost.observe_prefill(plan.computed_tokens, forward_s)
         self._t_forward = 0.0
+        t0 = time.perf_counter()
+        saved = 0
         for save in plan.saves:
             metas, blobs = [], []
             for h, bid in zip(save.hashes, save.block_ids, strict=True):
@@ -238,7 +251,10 @@ class PonderKVConnector(KVConnectorBase_V1):
                 )
                 blobs.append(encode(header, self._gather(bid)))
                 metas.append(BlockMeta(h, save.tags.session, save.tags.round, save.tags.branch))
-            self.stats["saved_blocks"] += self.store.put(save.tags.session, metas, blobs)
+            saved += self.store.put(save.tags.session, metas, blobs)
+        if plan.saves:
+            self.stats["saved_blocks"] += saved
+            self.metrics.moved("saved", saved, time.perf_counter() - t0)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

@@ -16,8 +16,11 @@ Pinned blocks (being read) never move.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+
+EVENTS_KEPT = 4096
 
 
 class Tier(StrEnum):
@@ -90,7 +93,10 @@ class KvCore:
         self.capacity = dict(slots)
         self.blocks: dict[str, Block] = {}
         self.sessions: dict[str, Session] = {}
-        self.events: list[tuple[str, str, str]] = []  # (kind, block hash, detail), for stats/metrics
+        # The latest events (kind, block hash, detail) for inspection, and running counts by
+        # (kind, detail) for metrics: bounded, a long-running shard must not grow without end.
+        self.events: deque[tuple[str, str, str]] = deque(maxlen=EVENTS_KEPT)
+        self.counts: Counter[tuple[str, str]] = Counter()
 
     # --- retention ---------------------------------------------------------------------------
 
@@ -165,7 +171,7 @@ class KvCore:
             return
         if ok:
             b.state = State.READY
-            self.events.append(("save", block_hash, b.tier.value))
+            self._event("save", block_hash, b.tier.value)
         else:
             self._drop(b, "put_failed")
 
@@ -198,7 +204,7 @@ class KvCore:
             return
         if ok:
             b.state = State.READY
-            self.events.append(("demote", block_hash, "ram->disk"))
+            self._event("demote", block_hash, "ram->disk")
         else:
             self._drop(b, "demote_failed")
 
@@ -223,7 +229,7 @@ class KvCore:
         if ok:
             self.free[Tier.RAM].append(b.slot)
             b.tier, b.slot = Tier.DISK, move.dst[1]
-            self.events.append(("demote", b.hash, "ram->disk"))
+            self._event("demote", b.hash, "ram->disk")
         else:
             self.free[Tier.DISK].append(move.dst[1])
         b.state, b.target_slot = State.READY, None
@@ -258,7 +264,7 @@ class KvCore:
             if b is None or b.refs == 0:
                 continue
             b.refs -= 1
-            self.events.append(("load" if ok else "load_failed", h, b.tier.value))
+            self._event("load" if ok else "load_failed", h, b.tier.value)
             if not ok and b.refs == 0:
                 self._drop(b, "corrupt")
 
@@ -269,7 +275,11 @@ class KvCore:
         self.free[b.tier].append(b.slot)
         if b.target_slot is not None:
             self.free[Tier.DISK].append(b.target_slot)
-        self.events.append(("evict", b.hash, reason))
+        self._event("evict", b.hash, reason)
+
+    def _event(self, kind: str, block_hash: str, detail: str) -> None:
+        self.events.append((kind, block_hash, detail))
+        self.counts[(kind, detail)] += 1
 
     def stats(self) -> dict:
         used = {t: self.capacity[t] - len(self.free[t]) for t in self.capacity}
@@ -280,4 +290,5 @@ class KvCore:
             "slots_total": {t.value: n for t, n in self.capacity.items()},
             "bytes_stored": sum(b.nbytes for b in self.blocks.values()),
             "pinned": sum(1 for b in self.blocks.values() if b.refs),
+            "events": {f"{k}:{d}": n for (k, d), n in sorted(self.counts.items())},
         }

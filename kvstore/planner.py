@@ -122,6 +122,7 @@ class Planner:
         start = num_computed // self.bs
         st.load = None
         if max_blocks <= start:
+            st.decision = "local"  # vLLM's own prefix cache has every block the store could add
             return 0
         hashes = st.chain.extend(prompt, max_blocks)
         self.counters["lookups"] += 1

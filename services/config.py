@@ -89,6 +89,9 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs of the embedded cluster.")
     dashboard: bool = Field(True, description="Start the Ray dashboard with the embedded cluster.")
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port.")
+    metrics_export_port: int = Field(
+        8080, ge=1, le=65535, description="Prometheus endpoint of the embedded cluster's metrics (/metrics)."
+    )
 
 
 class HttpConfig(_Strict):

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 from services.api import ApiError
@@ -55,10 +56,13 @@ class Control:
 
 
 class DepthClient:
-    def __init__(self, actor, timeout_s: float, grant_wait_s: float = 10.0) -> None:
+    def __init__(
+        self, actor, timeout_s: float, grant_wait_s: float = 10.0, on_decision=lambda seconds: None
+    ) -> None:
         self.actor = actor
         self.timeout = timeout_s
         self.grant_wait_s = grant_wait_s
+        self.on_decision = on_decision  # the decide call's latency, for metrics
 
     async def _call(self, method: str, *args, timeout: float | None = None):
         return await asyncio.wait_for(getattr(self.actor, method).remote(*args), timeout or self.timeout)
@@ -79,9 +83,11 @@ class DepthClient:
 
         async def decide(plan: RoundPlan, rounds_done: int, signals: Signals) -> Verdict | None:
             try:
+                t0 = time.perf_counter()
                 action, reason, detail = await self._call(
                     "decide", dataclasses.asdict(plan), rounds_done, dataclasses.asdict(signals)
                 )
+                self.on_decision(time.perf_counter() - t0)
                 return Verdict(Action(action), Reason(reason), tuple(detail))
             except Exception as exc:  # local ceilings hold (RoundLoop.settle)
                 log.warning("depth control unavailable (%s); deciding locally", type(exc).__name__)

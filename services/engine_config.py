@@ -71,6 +71,9 @@ class EngineConfig(BaseModel):
     kv_connector: KvConnectorConfig | None = Field(
         None, description="Ponder's KV store connector (set from the app's kvstore section); None = off."
     )
+    ray_metrics: bool = Field(
+        True, description="Inside a Ray cluster, export vLLM's engine metrics through Ray (ray_vllm_*)."
+    )
     worker_process: bool = Field(
         False,
         description=(

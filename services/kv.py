@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from services.config import AppConfig
+
+
+def start_publisher(client: object, every_s: float = 5.0) -> None:
+    """Ask every shard to re-set its metrics periodically (Ray drops idle gauges after ~25 s)."""
+
+    def loop() -> None:
+        while True:
+            client.notify_all("publish")
+            time.sleep(every_s)
+
+    threading.Thread(target=loop, name="ponder-kv-publish", daemon=True).start()
 
 
 def start_store(cfg: AppConfig) -> object | None:

@@ -30,8 +30,9 @@ from services.config import AppConfig
 from services.control import Control, DepthClient, api_key_id
 from services.depth_control import get_or_create
 from services.engine import GenerateDelta, GenerateResult, SamplingSpec
-from services.kv import start_store
-from services.orchestrator import ContextLengthError, Event, Finished, Orchestrator
+from services.kv import start_publisher, start_store
+from services.metrics import Recorder, log_request, log_round
+from services.orchestrator import ContextLengthError, Event, Finished, Orchestrator, RoundDone
 from services.reasoning.complexity import ComplexityConfig, pick_tier
 from services.reasoning.domains import DomainRegistry, detect_domain
 from services.reasoning.tiers import PlanError, RoundPlan, TierTable, make_plan
@@ -70,10 +71,18 @@ class Router:
         self.domains = DomainRegistry.load(self.cfg.depth_control.domains_file)
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "")
         self.depth = get_or_create(self.cfg.depth_control)
-        self.control = DepthClient(self.depth, self.rcfg.depth_control_timeout_s, self.rcfg.tot_grant_wait_s)
+        self.metrics = Recorder()
+        self.control = DepthClient(
+            self.depth,
+            self.rcfg.depth_control_timeout_s,
+            self.rcfg.tot_grant_wait_s,
+            on_decision=self.metrics.decision_latency,
+        )
         self._orchestrator: Orchestrator | None = None
         self.created = int(time.time())
         self.kv = start_store(self.cfg)  # KV shards on every node, or None when the store is off
+        if self.kv is not None:
+            start_publisher(self.kv)
 
     async def _orch(self) -> Orchestrator:
         if self._orchestrator is None:
@@ -158,13 +167,18 @@ class Router:
         return plan
 
     async def _session(
-        self, rid: str, key: str, events: AsyncIterator[Event], control: Control
+        self, rid: str, key: str, events: AsyncIterator[Event], control: Control, plan: RoundPlan
     ) -> AsyncIterator[Event]:
-        """Pass the events through; whatever happens, tell depth control the session ended."""
-        record = None
+        """Pass the events through; whatever happens, tell depth control the session ended and
+        record the request's metrics and log lines."""
+        record, outcome, status = None, None, "error"
         try:
             async for ev in events:
+                if isinstance(ev, RoundDone):
+                    self.metrics.round(plan.tier, ev.record, ev.verdict, ev.verdict.exit)
+                    log_round(rid, plan, ev.record, ev.verdict)
                 if isinstance(ev, Finished):
+                    outcome, status = ev.outcome, "ok"
                     o = ev.outcome
                     last = o.rounds[-1] if o.rounds else None
                     record = {
@@ -177,7 +191,12 @@ class Router:
                         "completion_tokens": o.total_completion_tokens,
                     }
                 yield ev
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "cancelled"  # the client went away
+            raise
         finally:
+            self.metrics.request(outcome, plan.tier, plan.strategy, status, control.reasons)
+            log_request(rid, plan, outcome, status, control)
             self.control.finish(rid, key, record)
             if self.kv is not None:
                 # Its trace goes first when a shard needs room (kept while there is room).
@@ -246,6 +265,7 @@ class Router:
                 release_nodes=release,
             ),
             control,
+            plan,
         )
         meta = responses.Meta(rid, self.model, int(time.time()), tier_reason, domain_reason, control)
         if plan.review:

@@ -114,7 +114,24 @@ def kv_transfer_config(config: EngineConfig) -> Any:
     )
 
 
-def engine_args(config: EngineConfig, model_path: str) -> Any:
+def ray_stat_loggers(config: EngineConfig) -> list | None:
+    """vLLM's own metrics through Ray's metrics API, when this engine runs inside a Ray cluster."""
+    if not config.ray_metrics:
+        return None
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    # The periodic stats log line is noise next to the metrics: keep it off.
+    logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+    return [RayPrometheusStatLogger]
+
+
+def engine_args(config: EngineConfig, model_path: str, log_stats: bool = False) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
@@ -131,8 +148,8 @@ def engine_args(config: EngineConfig, model_path: str) -> Any:
         block_size=config.block_size,
         distributed_executor_backend=executor_backend(config),
         kv_transfer_config=kv_transfer_config(config),
-        # Ponder records its own metrics; vLLM's periodic stats log is noise here.
-        disable_log_stats=True,
+        # Stats only feed the Ray metrics exporter (ray_stat_loggers); never the periodic log line.
+        disable_log_stats=not log_stats,
     )
 
 
@@ -253,7 +270,10 @@ class VllmEngine(Engine):
         prepare_environment(self.config)
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._llm = AsyncLLM.from_engine_args(engine_args(self.config, self.model_path))
+        loggers = ray_stat_loggers(self.config)
+        self._llm = AsyncLLM.from_engine_args(
+            engine_args(self.config, self.model_path, log_stats=loggers is not None), stat_loggers=loggers
+        )
         model_config = self._llm.model_config
         self._info = EngineInfo(
             model=self.config.model,

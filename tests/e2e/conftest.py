@@ -19,6 +19,7 @@ def app_config(tmp_path_factory) -> AppConfig:
     cfg.ray.dashboard = False
     cfg.ray.num_cpus = 4  # logical CPUs for scheduling; the replicas mostly wait on the engine
     cfg.http.port = free_port()
+    cfg.ray.metrics_export_port = free_port()
     return cfg
 
 

@@ -1,0 +1,82 @@
+"""The router's metric observations (services/metrics.py), with a recording fake of Ray's metrics."""
+
+from collections import defaultdict
+
+from services.metrics import SPECS, Recorder
+from services.orchestrator import Outcome
+from services.reasoning.loop import RoundRecord
+from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+
+
+class Fake:
+    def __init__(self, kind, name, description, tag_keys, boundaries):
+        self.kind, self.name, self.tag_keys = kind, name, tag_keys
+        self.values = defaultdict(list)
+
+    def _add(self, value, tags):
+        assert set(tags) == set(self.tag_keys), (self.name, tags)  # every label, and only those
+        self.values[tuple(sorted(tags.items()))].append(value)
+
+    inc = observe = set = _add
+
+
+def rec(i, completion, cached=0, loaded=0, confidence=0.9):
+    return RoundRecord(
+        index=i,
+        text="t",
+        prompt_tokens=100 + i,
+        completion_tokens=completion,
+        cached_tokens=cached,
+        confidence=confidence,
+        latency_ms=250.0,
+        ttft_ms=40.0,
+        decided_by="depth_control",
+        kv_loaded_tokens=loaded,
+    )
+
+
+def total(m, **tags):
+    want = set(tags.items())
+    return sum(sum(v) for k, v in m.values.items() if want <= set(k))
+
+
+def test_a_three_round_request_moves_every_series_by_its_amounts():
+    r = Recorder(Fake)
+    plan = RoundPlan("medium", 1, 4, 0.8)
+    rounds = [
+        rec(0, 30),
+        rec(1, 20, cached=96, loaded=64),
+        rec(2, 10, cached=160, loaded=32, confidence=0.95),
+    ]
+    verdicts = [Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD)] * 2 + [
+        Verdict(Action.EXIT, Reason.CONFIDENCE)
+    ]
+    for rd, v in zip(rounds, verdicts, strict=True):
+        r.round("medium", rd, v, v.exit)
+    r.request(Outcome(plan, rounds, Reason.CONFIDENCE, "a", "r"), "medium", "cot", "ok", ["deep_sessions"])
+    m = r.m
+    assert total(m["ponder_round_tokens"], kind="completion") == 60
+    assert total(m["ponder_round_tokens"], kind="reasoning") == 50  # all but the final round's
+    assert total(m["ponder_round_tokens"], kind="prompt") == 303
+    assert total(m["ponder_round_tokens"], kind="kv_loaded") == 96
+    assert total(m["ponder_round_tokens"], kind="kv_cached") == 32 + 128
+    assert len(m["ponder_round_latency_seconds"].values[(("tier", "medium"),)]) == 3
+    assert total(m["ponder_depth_decisions"], decision="confidence") == 1
+    assert total(m["ponder_requests"], status="ok", exit_reason="confidence", tier="medium") == 1
+    assert m["ponder_rounds_per_request"].values[(("strategy", "cot"), ("tier", "medium"))] == [3]
+    assert m["ponder_exit_confidence"].values[(("exit_reason", "confidence"), ("tier", "medium"))] == [0.95]
+    assert total(m["ponder_tokens_saved_by_early_exit"]) == 20  # 1 round left x 20 tokens a round
+    assert total(m["ponder_degraded_requests"], reason="deep_sessions") == 1
+
+
+def test_a_failed_request_is_counted_without_an_outcome():
+    r = Recorder(Fake)
+    r.request(None, "low", "cot", "error")
+    assert total(r.m["ponder_requests"], status="error", exit_reason="none") == 1
+    assert not r.m["ponder_rounds_per_request"].values
+
+
+def test_metric_names_and_labels_are_bounded():
+    for name, (_, _, tags, _) in SPECS.items():
+        assert name.startswith("ponder_")
+        assert not {"request_id", "session", "replica", "worker"} & set(tags)
