@@ -1,7 +1,10 @@
 """Real requests against a local cluster; Ray's metrics endpoint is scraped and Ponder's series must
 exist and move by exactly what the requests did."""
 
+import json
+import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -101,3 +104,38 @@ def test_kv_store_and_vllm_series_are_exported(http, app_config):
     assert total(snap, "ray_ponder_kv_connector_blocks_total", op="saved") > 0
     assert total(snap, "ray_ponder_kv_cost_model", rate="prefill_tokens_per_s") > 0
     assert any(n.startswith("ray_vllm_") for n, _ in snap), "vLLM's engine metrics are carried through"
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "ponder-dashboard.json"
+
+
+def dashboard_metrics() -> set[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs and all(p["datasource"]["type"] == "prometheus" for p in dash["panels"])
+    return {m for e in exprs for m in re.findall(r"\b(ray_[a-z0-9_]+)", e)}
+
+
+def test_every_dashboard_query_names_an_exported_metric(http, app_config):
+    model = app_config.engine.model
+    early = {  # confidence threshold 0: exits after its first round, below the ceiling of 2
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 8,
+        "reasoning": {"tier": "low", "max_rounds": 2, "confidence_threshold": 0.0},
+    }
+    r = http.post("/v1/chat/completions", json=early)
+    assert r.status_code == 200 and r.json()["reasoning"]["exit_reason"] == "confidence", r.text
+    tot = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Plan a short walk."}],
+        "max_tokens": 8,
+        "seed": 1,
+        "reasoning": {"tier": "high", "tot": {"branching": 2, "max_total_nodes": 3}},
+    }
+    assert http.post("/v1/chat/completions", json=tot).status_code == 200
+    wanted = dashboard_metrics()
+    assert len(wanted) >= 15
+    snap = wait_for(app_config, lambda s: wanted <= {n for n, _ in s})
+    missing = wanted - {n for n, _ in snap}
+    assert not missing, f"dashboard queries metrics nobody exported: {sorted(missing)}"
