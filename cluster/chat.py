@@ -30,9 +30,7 @@ def _body(args: argparse.Namespace, model: str) -> dict:
 
 
 def _summary(reasoning: dict) -> str:
-    lines = [
-        f"tier={reasoning['tier']} exit={reasoning['exit_reason']} rounds={len(reasoning['rounds'])}"
-    ]
+    lines = [f"tier={reasoning['tier']} exit={reasoning['exit_reason']} rounds={len(reasoning['rounds'])}"]
     for r in reasoning["rounds"]:
         lines.append(
             f"  round {r['index']}: {r['prompt_tokens']} prompt + {r['completion_tokens']} completion "

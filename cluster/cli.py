@@ -1,4 +1,4 @@
-"""`ponder`: serve, chat, models, bench."""
+"""`ponder`: serve, chat, status, models, bench."""
 
 from __future__ import annotations
 
@@ -100,6 +100,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat(args)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.status import main
+
+    try:
+        print(main(args.address, args.json))
+    except (ConnectionError, OSError) as exc:  # OSError: the TCP probe (refused, timed out, no route)
+        raise CliError(f"no Ray cluster at {args.address!r}: {exc}") from exc
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench import overhead
 
@@ -148,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stream", action="store_true", help="print rounds as they are generated")
     c.add_argument("--json", action="store_true", help="print the raw JSON response")
     c.set_defaults(func=cmd_chat)
+
+    st = sub.add_parser("status", help="summary of a running cluster: nodes, workers, KV shards, budgets")
+    st.add_argument("--address", default="auto", help="Ray cluster address (default: the local one)")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.set_defaults(func=cmd_status)
 
     from cluster.models import add_models_parser
 

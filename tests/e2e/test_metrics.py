@@ -139,3 +139,35 @@ def test_every_dashboard_query_names_an_exported_metric(http, app_config):
     snap = wait_for(app_config, lambda s: wanted <= {n for n, _ in s})
     missing = wanted - {n for n, _ in snap}
     assert not missing, f"dashboard queries metrics nobody exported: {sorted(missing)}"
+
+
+def test_ponder_status_reports_the_running_cluster(http, app_config):
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    from cluster.status import collect, render
+
+    s = collect("auto")
+    assert [n["alive"] for n in s["nodes"]] == [True]
+    assert len(s["workers"]) == app_config.worker.num_replicas
+    assert all(w["ongoing_requests"] >= 0 for w in s["workers"])
+    (shard,) = s["kv_shards"]
+    assert shard["blocks"] > 0 and shard["slots_used"]["ram"] == shard["blocks"]  # earlier tests' rounds
+    assert (
+        s["depth_control"]["budgets"]["max_deep_sessions"]
+        == app_config.depth_control.budgets.max_deep_sessions
+    )
+    text = render(s)
+    assert "KV shards (1)" in text and "Workers (1)" in text and "Depth control" in text
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--address", ray.get_runtime_context().gcs_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "KV shards (1)" in out.stdout and "requests in flight" in out.stdout

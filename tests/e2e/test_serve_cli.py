@@ -48,7 +48,10 @@ def _start(config: Path) -> tuple[subprocess.Popen, list[str]]:
     ponder = Path(sys.executable).with_name("ponder")
     proc = subprocess.Popen(
         [str(ponder), "serve", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
     )
     try:
         return proc, _wait_ready(proc, time.monotonic() + 300)
@@ -74,14 +77,22 @@ def test_serve_answers_then_sigterm_stops_ray_and_reviews_survive_a_restart(tmp_
         assert any(f"{url}/v1" in ln for ln in lines)
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert any("raylet" in " ".join(p.cmdline()) for p in descendants if p.is_running())
-        body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hello"}],
-                "max_tokens": 4, "temperature": 0, "reasoning": {"tier": "low", "max_rounds": 2}}
+        body = {
+            "model": TINY_MODEL,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "reasoning": {"tier": "low", "max_rounds": 2},
+        }
         resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
         assert 1 <= len(resp.json()["reasoning"]["rounds"]) <= 2
         # a critical answer is held for review (202) ...
-        held = httpx.post(f"{url}/v1/chat/completions", timeout=120,
-                          json=body | {"reasoning": {"tier": "critical", "max_rounds": 1}})
+        held = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json=body | {"reasoning": {"tier": "critical", "max_rounds": 1}},
+        )
         assert held.status_code == 202, held.text
         review_id = held.json()["id"]
 

@@ -56,9 +56,7 @@ def remote(action=None):
         return (
             None
             if action is None
-            else Verdict(
-                action, Reason.CONFIDENCE if action is Action.EXIT else Reason.BELOW_THRESHOLD
-            )
+            else Verdict(action, Reason.CONFIDENCE if action is Action.EXIT else Reason.BELOW_THRESHOLD)
         )
 
     return decide
@@ -122,10 +120,7 @@ def test_stream_events_match_the_final_outcome():
     first_content = kinds.index(ContentDelta)
     assert ReasoningDelta not in kinds[first_content:]  # all reasoning precedes all content
     outcome = events[-1].outcome
-    assert (
-        "".join(e.text for e in events if isinstance(e, ReasoningDelta))
-        == outcome.reasoning_content
-    )
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == outcome.reasoning_content
     assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == outcome.content
     assert outcome.reasoning_tokens == 9 and outcome.completion_tokens == 12
     assert isinstance(events[-1], Finished)

