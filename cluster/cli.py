@@ -128,6 +128,12 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     return kv.main(args)
 
 
+def cmd_bench_observe(args: argparse.Namespace) -> int:
+    from bench import observe
+
+    return observe.main(args)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench import calibrate
 
@@ -185,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kv_arguments(k)
     k.set_defaults(func=cmd_bench_kv)
+    ob = bsub.add_parser("observe", help="mixed workload on a local cluster, metrics scraped and drawn")
+    from bench.observe import add_arguments as add_observe_arguments
+
+    add_observe_arguments(ob)
+    ob.set_defaults(func=cmd_bench_observe)
 
     cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
     from bench.calibrate import add_arguments as add_calibrate_arguments

@@ -156,6 +156,13 @@ class Recorder:
             self._put("ponder_exit_confidence", rounds[-1].confidence, tier=tier, exit_reason=exit_reason)
         if outcome.tot is not None:
             self._put("ponder_tot_nodes_per_request", outcome.tot.get("nodes", 0), tier=tier)
+            # A search reports no rounds as it goes: count every node's tokens once it is done.
+            for kind, n in (
+                ("prompt", outcome.total_prompt_tokens),
+                ("completion", outcome.total_completion_tokens),
+                ("reasoning", outcome.total_reasoning_tokens),
+            ):
+                self._put("ponder_round_tokens", n, tier=tier, kind=kind)
         else:
             skipped = outcome.plan.max_rounds - len(rounds)
             mean = sum(r.completion_tokens for r in rounds) / len(rounds)

@@ -80,3 +80,24 @@ def test_metric_names_and_labels_are_bounded():
     for name, (_, _, tags, _) in SPECS.items():
         assert name.startswith("ponder_")
         assert not {"request_id", "session", "replica", "worker"} & set(tags)
+
+
+def test_a_tot_request_counts_every_node_s_tokens_at_the_end():
+    r = Recorder(Fake)
+    plan = RoundPlan("high", 1, 4, None, strategy="tot")
+    best = [rec(0, 10), rec(1, 12)]
+    outcome = Outcome(
+        plan,
+        best,
+        Reason.CEILING,
+        "a",
+        "r",
+        tot={"nodes": 5},
+        all_prompt_tokens=500,
+        all_completion_tokens=60,
+    )
+    r.request(outcome, "high", "tot", "ok")
+    assert total(r.m["ponder_round_tokens"], kind="completion") == 60
+    assert total(r.m["ponder_round_tokens"], kind="reasoning") == 48  # all but the answer's 12
+    assert total(r.m["ponder_round_tokens"], kind="prompt") == 500
+    assert r.m["ponder_tot_nodes_per_request"].values[(("tier", "high"),)] == [5]
