@@ -27,6 +27,12 @@ class KvConnectorConfig(BaseModel):
     ray_address: str | None = Field(None, description="GCS address of the cluster (set by the worker).")
     namespace: str = Field("ponder", description="Ray namespace of the shard actors.")
     timeout_s: float = Field(5.0, gt=0, description="A shard slower than this is a miss.")
+    transport: Literal["nixl", "ray"] = Field(
+        "nixl",
+        description="How block bytes move between engines and shards: nixl = one-sided NIXL READ/WRITE "
+        "(falls back to ray per shard when NIXL or the shard cannot), ray = bytes in Ray calls.",
+    )
+    staging_bytes: int = Field(64 << 20, ge=1 << 20, description="The engine's NIXL staging buffer.")
     local_ram_slots: int = Field(512, ge=1, description="Blocks held by the local store.")
     prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="Cost model's prefill rate until measured (tokens/s)."

@@ -257,6 +257,13 @@ class KvCore:
             out.append((h, b.tier, b.slot))
         return out
 
+    def unpin(self, hashes: list[str]) -> None:
+        """Release pins taken by prepare_get for blocks that were not read after all (no event)."""
+        for h in hashes:
+            b = self.blocks.get(h)
+            if b is not None and b.refs:
+                b.refs -= 1
+
     def complete_get(self, hashes: list[str], ok: bool) -> None:
         """Unpin; a failed read (bad checksum, short read) drops the block: it is recomputed."""
         for h in hashes:

@@ -9,6 +9,7 @@ connector roles of one process share one store (`shared_store`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -57,6 +58,14 @@ class RayStore(StoreClient):
         self.namespace, self.refresh_s = cfg.namespace, refresh_s
         super().__init__(self._discover(), timeout_s=cfg.timeout_s)
         self._seen = time.monotonic()
+        self.nixl = None
+        if cfg.transport == "nixl":
+            try:
+                from kvstore.nixl_path import NixlPath
+
+                self.nixl = NixlPath(f"engine-{os.getpid()}", cfg.staging_bytes, cfg.timeout_s)
+            except Exception as exc:  # no NIXL here: every shard is reached over Ray
+                log.warning("KV store: NIXL unavailable (%s); moving blocks over Ray", exc)
 
     def _discover(self) -> dict[str, object]:
         import ray
@@ -80,6 +89,29 @@ class RayStore(StoreClient):
             self._seen = time.monotonic()
             self.replace_shards(self._discover())
         return super()._call(session, method, *args, default=default)
+
+    def _one_sided(self, session: str, method: str, *args):
+        """The NIXL path for the session's shard, or None (then the bytes path runs)."""
+        if self.nixl is None or not self.shards:
+            return None
+        name = self.ring.owner(session)
+        try:
+            return getattr(self.nixl, method)(name, self.shards[name], *args)
+        except Exception as exc:  # the shard died or timed out: let the bytes path find out and drop it
+            log.warning("kv shard %s: NIXL %s failed (%s)", name, method, type(exc).__name__)
+            return None
+
+    def get(self, session: str, hashes: list[str]) -> list[bytes]:
+        got = self._one_sided(session, "get", hashes)
+        if got is None:
+            return super().get(session, hashes)
+        if len(got) < len(hashes):  # the rest may sit on the shard's disk tier: bytes path
+            got += super().get(session, hashes[len(got) :])
+        return got
+
+    def put(self, session: str, metas: list[BlockMeta], blobs: list[bytes]) -> int:
+        done = self._one_sided(session, "put", metas, blobs)
+        return super().put(session, metas, blobs) if done is None else done
 
 
 def shared_store(cfg: KvConnectorConfig, slot_bytes: int) -> object:
