@@ -85,7 +85,7 @@ def _prefix_ids(tok: Any, rng: random.Random) -> list[int]:
     return ids[:PREFIX]
 
 
-async def _restore(trials: int, progress) -> dict:
+async def _restore(trials: int, progress, transport: str = "nixl") -> dict:
     import ray
     from transformers import AutoTokenizer
 
@@ -109,7 +109,9 @@ async def _restore(trials: int, progress) -> dict:
             [ray.get_runtime_context().get_node_id()],
         ).values()
         ray.get(shard.stats.remote())  # the shard is up before the engine looks for it
-        kv = KvConnectorConfig(model=DEFAULT_MODEL, ray_address=ray.get_runtime_context().gcs_address)
+        kv = KvConnectorConfig(
+            model=DEFAULT_MODEL, ray_address=ray.get_runtime_context().gcs_address, transport=transport
+        )
         cfg = EngineConfig(
             model=DEFAULT_MODEL,
             model_path=path,
@@ -163,6 +165,7 @@ async def _restore(trials: int, progress) -> dict:
             "recompute_ttft_ms_median": round(med(recompute) * 1e3, 1),
             "save_request_ms_median": round(med(save) * 1e3, 1),
             "restore_trials": trials,
+            "transport": transport,
             "block_tokens": BLOCK,
             "prefix_tokens": PREFIX,
         }
@@ -194,9 +197,9 @@ def compression_of(blocks: list[bytes]) -> dict:
     }
 
 
-def measure_restore(trials: int = 5, progress=print) -> dict:
-    progress(f"restore vs recompute: {trials} trials of a {PREFIX}-token prefix (engine start ~40 s)")
-    return asyncio.run(_restore(trials, progress))
+def measure_restore(trials: int = 5, progress=print, transport: str = "nixl") -> dict:
+    progress(f"restore vs recompute over {transport}: {trials} trials of a {PREFIX}-token prefix")
+    return asyncio.run(_restore(trials, progress, transport))
 
 
 QUESTIONS = [

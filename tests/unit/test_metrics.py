@@ -101,3 +101,38 @@ def test_a_tot_request_counts_every_node_s_tokens_at_the_end():
     assert total(r.m["ponder_round_tokens"], kind="reasoning") == 48  # all but the answer's 12
     assert total(r.m["ponder_round_tokens"], kind="prompt") == 500
     assert r.m["ponder_tot_nodes_per_request"].values[(("tier", "high"),)] == [5]
+
+
+def test_log_lines_carry_ids_and_numbers_never_text(caplog):
+    import logging
+
+    from services.control import Control
+    from services.metrics import log_request, log_round
+
+    plan = RoundPlan("medium", 1, 4, 0.8)
+    r = rec(1, 20, cached=96, loaded=64)
+    r.text = "SECRET ANSWER TEXT"
+    with caplog.at_level(logging.INFO, logger="ponder.requests"):
+        log_round("chatcmpl-1", plan, r, Verdict(Action.EXIT, Reason.CONFIDENCE))
+        log_request(
+            "chatcmpl-1",
+            plan,
+            Outcome(plan, [r], Reason.CONFIDENCE, "SECRET ANSWER TEXT", ""),
+            "ok",
+            Control(),
+        )
+    round_line, request_line = (rec_.getMessage() for rec_ in caplog.records)
+    assert round_line.startswith("round request_id=chatcmpl-1 session=chatcmpl-1 tier=medium")
+    for field in (
+        "round=1",
+        "completion_tokens=20",
+        "kv_cached_tokens=32",
+        "kv_loaded_tokens=64",
+        "confidence=0.9000",
+        "decision=exit",
+        "reason=confidence",
+    ):
+        assert field in round_line
+    for field in ("status=ok", "exit_reason=confidence", "rounds=1", "max_rounds=4", "completion_tokens=20"):
+        assert field in request_line
+    assert "SECRET" not in round_line + request_line
