@@ -60,12 +60,12 @@ class RayStore(StoreClient):
         self._seen = time.monotonic()
         self.nixl = None
         if cfg.transport == "nixl":
-            try:
-                from kvstore.nixl_path import NixlPath
+            from kvstore.nixl_client import NixlClient
 
-                self.nixl = NixlPath(f"engine-{os.getpid()}", cfg.staging_bytes, cfg.timeout_s)
-            except Exception as exc:  # no NIXL here: every shard is reached over Ray
-                log.warning("KV store: NIXL unavailable (%s); moving blocks over Ray", exc)
+            client = NixlClient(
+                f"engine-{os.getpid()}", staging_bytes=cfg.staging_bytes, timeout_s=cfg.timeout_s
+            )
+            self.nixl = client if client.one_sided else None  # no NIXL here: every shard over Ray
 
     def _discover(self) -> dict[str, object]:
         import ray
@@ -90,28 +90,17 @@ class RayStore(StoreClient):
             self.replace_shards(self._discover())
         return super()._call(session, method, *args, default=default)
 
-    def _one_sided(self, session: str, method: str, *args):
-        """The NIXL path for the session's shard, or None (then the bytes path runs)."""
-        if self.nixl is None or not self.shards:
-            return None
-        name = self.ring.owner(session)
-        try:
-            return getattr(self.nixl, method)(name, self.shards[name], *args)
-        except Exception as exc:  # the shard died or timed out: let the bytes path find out and drop it
-            log.warning("kv shard %s: NIXL %s failed (%s)", name, method, type(exc).__name__)
-            return None
-
     def get(self, session: str, hashes: list[str]) -> list[bytes]:
-        got = self._one_sided(session, "get", hashes)
-        if got is None:
+        if self.nixl is None or not self.shards:
             return super().get(session, hashes)
-        if len(got) < len(hashes):  # the rest may sit on the shard's disk tier: bytes path
-            got += super().get(session, hashes[len(got) :])
-        return got
+        name = self.ring.owner(session)  # one-sided READ, Ray bytes for what cannot go that way
+        return self.nixl.get(self.shards[name], hashes, name=name)
 
     def put(self, session: str, metas: list[BlockMeta], blobs: list[bytes]) -> int:
-        done = self._one_sided(session, "put", metas, blobs)
-        return super().put(session, metas, blobs) if done is None else done
+        if self.nixl is None or not self.shards:
+            return super().put(session, metas, blobs)
+        name = self.ring.owner(session)
+        return self.nixl.put(self.shards[name], metas, blobs, name=name)
 
 
 def shared_store(cfg: KvConnectorConfig, slot_bytes: int) -> object:

@@ -4,19 +4,43 @@ Plain Python, so it is tested without Ray; `remote_shard` makes it a Ray actor p
 Blocks are opaque encoded bytes here (kvstore/codec.py, checked by whoever loads them): a shard
 never interprets, unpickles or executes what it stores. A failed copy rolls its change back, so
 the index never points at bytes that are not there.
+
+One-sided data path (kvstore/nixl_client.py): `transport_metadata` registers the RAM pool with NIXL
+(or BytesTransport with `transport: bytes`) and returns the handshake bytes. Only offsets cross Ray:
+- reads: `pin_for_read` pins the stored leading RAM-tier prefix and returns (hash, pool offset of the
+  encoded block, length); the reader READs the spans, then `finish_read(ok)` unpins (ok=False drops
+  them as corrupt). Disk-tier blocks stop the prefix: the reader fetches the rest with `get`.
+- writes: `reserve_for_write` places each block (demoting first if needed), writes the slot's 4-byte
+  length prefix itself and returns the offset of the payload, where the writer WRITEs exactly
+  `size` bytes; `commit_write(ok)` makes them visible (or frees the slots).
+Both are leases of `lease_s`: a pin or reservation that is never finished (its process died) is
+released by `sweep`, which runs at every pin_for_read/reserve_for_write (and may be called on its own).
+An expired reservation's slot is freed; an expired pin just unpins. A late WRITE into a freed slot
+can only damage bytes the loader's codec checks (CRC, block hash), so it costs a recompute, no more.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import struct
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvstore.core import KvCore, Placement, Tier
+from kvstore.core import KvCore, Placement, StoreFull, Tier
 from kvstore.pool import DiskPool, RamPool, SlotError
+from kvstore.transport import BytesTransport, Transport, TransportError, make_transport
+
+log = logging.getLogger("ponder.kvstore")
+_LEN = struct.Struct("<I")  # a slot's length prefix (kvstore/pool.py)
 
 
 class ShardConfig(BaseModel):
@@ -27,6 +51,12 @@ class ShardConfig(BaseModel):
     slot_bytes: int = Field(ge=4096, description="Bytes per slot (kvstore.pool.slot_bytes_for).")
     disk_path: str | None = Field(None, description="Preallocated slot file of the disk tier.")
     retention_window_s: float = Field(600.0, gt=0, description="Idle sessions' blocks go first after this.")
+    transport: Literal["nixl", "bytes"] = Field(
+        "nixl", description="How clients reach the RAM pool: nixl = one-sided READ/WRITE, bytes = Ray calls."
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="A read pin or write reservation not finished within this is released."
+    )
 
 
 @dataclass(frozen=True)
@@ -50,6 +80,10 @@ class Shard:
         self.ram = RamPool(cfg.ram_slots, cfg.slot_bytes)
         self.clock = clock
         self.rejected = 0  # blocks refused for size: a cache may decline, never fail the caller
+        self.cfg = cfg
+        self.transport: Transport | None = None  # created by transport_metadata on first use
+        self._pins: dict[str, deque[float]] = {}  # hash -> deadlines of its pin_for_read pins
+        self._writes: dict[str, float] = {}  # hash -> deadline of its reservation
 
     def put(self, metas: list[BlockMeta], blobs: list[bytes]) -> int:
         """Save blocks (a round's new ones, in order); returns how many were new."""
@@ -142,3 +176,135 @@ class Shard:
     def close(self) -> None:
         if self.disk is not None:
             self.disk.close()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    # --- one-sided data path (kvstore/nixl_client.py) -------------------------------------------
+
+    def transport_metadata(self) -> bytes:
+        """The handshake for clients (kvstore/transport.py's metadata); registers the pool once.
+
+        With `transport: bytes`, or where NIXL cannot start, it is BytesTransport's (no NIXL part):
+        clients then move this shard's blocks with `get`/`put`.
+        """
+        if self.transport is None:
+            name = f"shard-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                t = make_transport(name, prefer=self.cfg.transport)
+                t.register(self.ram.buffer)
+            except TransportError as e:  # e.g. no UCX backend: still a working shard, over Ray
+                log.warning("kv shard: NIXL unavailable (%s); clients use Ray bytes", e)
+                t = BytesTransport(name)
+                t.register(self.ram.buffer)
+            self.transport = t
+        return self.transport.metadata()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Release expired read pins and write reservations; returns how many were released."""
+        now = self.clock() if now is None else now
+        released = 0
+        for h in [h for h, deadline in self._writes.items() if deadline <= now]:
+            del self._writes[h]
+            self.core.complete_put(h, False)  # the writer is gone: the slot is free again
+            released += 1
+        for h in list(self._pins):
+            pins = self._pins[h]
+            while pins and pins[0] <= now:
+                pins.popleft()
+                self.core.complete_get([h], True)  # unpin; the bytes were fine
+                released += 1
+            if not pins:
+                del self._pins[h]
+        return released
+
+    def pin_for_read(self, hashes: list[str]) -> list[tuple[str, int, int]]:
+        """Pin the stored leading RAM-tier prefix of `hashes`: (hash, pool offset, length) each.
+
+        The offset is that of the encoded block (after the slot's length prefix). The first block on
+        disk, missing or not ready ends the list; the caller gets the rest with `get`. Unpin with
+        finish_read, or the lease runs out (sweep).
+        """
+        now = self.clock()
+        self.sweep(now)
+        n = self.core.lookup_prefix(hashes)
+        k = 0
+        while k < n and self.core.blocks[hashes[k]].tier is Tier.RAM:
+            k += 1
+        pinned = self.core.prepare_get(hashes[:k], now)
+        out: list[tuple[str, int, int]] = []
+        for i, (h, _, slot) in enumerate(pinned):
+            try:
+                size = len(self.ram.read(slot))
+            except SlotError:
+                size = -1
+            if size != self.core.blocks[h].nbytes:  # a damaged length prefix: drop it and what follows
+                self.core.complete_get([h], False)
+                self.core.complete_get([p[0] for p in pinned[i + 1 :]], True)
+                break
+            self._pins.setdefault(h, deque()).append(now + self.cfg.lease_s)
+            out.append((h, self.ram.offset(slot) + _LEN.size, size))
+        return out
+
+    def finish_read(self, hashes: list[str], ok: bool = True) -> None:
+        """Unpin blocks pinned by pin_for_read; ok=False drops them as corrupt (like report_corrupt).
+
+        Hashes without an outstanding pin (never pinned, or released by sweep) are ignored.
+        """
+        for h in hashes:
+            pins = self._pins.get(h)
+            if not pins:
+                continue
+            pins.popleft()
+            if not pins:
+                del self._pins[h]
+            self.core.complete_get([h], ok)
+
+    def reserve_for_write(self, metas: list[BlockMeta], sizes: list[int]) -> list[tuple[str, int] | None]:
+        """Phase 1 of a one-sided put: per block (hash, pool offset where the writer puts its bytes).
+
+        The shard has already written the slot's length prefix (`size`); the writer WRITEs exactly
+        `size` bytes at the offset, then calls commit_write. None: already stored, too big, or no
+        slot can be freed (every block pinned or pending) — nothing to send for it.
+        """
+        now = self.clock()
+        self.sweep(now)
+        out: list[tuple[str, int] | None] = []
+        for meta, size in zip(metas, sizes, strict=True):
+            out.append(self._reserve(meta, size, now))
+        return out
+
+    def _reserve(self, meta: BlockMeta, size: int, now: float) -> tuple[str, int] | None:
+        if not 0 < size <= self.core.slot_bytes:
+            self.rejected += 1
+            return None
+        try:
+            p = self.core.prepare_put(
+                meta.hash, session=meta.session, round_=meta.round, branch=meta.branch, nbytes=size, now=now
+            )
+        except StoreFull:
+            self.rejected += 1
+            return None
+        if p is None:
+            return None  # already stored (or being written by someone else)
+        self._demote_first(p)
+        off = self.ram.offset(p.slot)
+        self.ram.buffer[off : off + _LEN.size] = np.frombuffer(_LEN.pack(size), dtype=np.uint8)
+        self._writes[meta.hash] = now + self.cfg.lease_s
+        return meta.hash, off + _LEN.size
+
+    def commit_write(self, hashes: list[str], ok: list[bool] | bool = True) -> int:
+        """Phase 2: commit (ok) or free (not ok) reserved blocks; returns how many were committed.
+
+        Hashes without a live reservation (never reserved, committed already, expired) are ignored.
+        """
+        oks = [ok] * len(hashes) if isinstance(ok, bool) else list(ok)
+        if len(oks) != len(hashes):
+            raise ValueError("commit_write: one ok per hash")
+        done = 0
+        for h, good in zip(hashes, oks, strict=True):
+            if self._writes.pop(h, None) is None:
+                continue
+            self.core.complete_put(h, bool(good))
+            done += bool(good)
+        return done
