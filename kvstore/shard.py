@@ -88,18 +88,22 @@ class Shard:
     def put(self, metas: list[BlockMeta], blobs: list[bytes]) -> int:
         """Save blocks (a round's new ones, in order); returns how many were new."""
         saved = 0
-        for meta, blob in zip(metas, blobs, strict=True):
+        for i, (meta, blob) in enumerate(zip(metas, blobs, strict=True)):
             if len(blob) > self.core.slot_bytes:
                 self.rejected += 1  # larger than a slot (e.g. a very long header): not cached
                 continue
-            p = self.core.prepare_put(
-                meta.hash,
-                session=meta.session,
-                round_=meta.round,
-                branch=meta.branch,
-                nbytes=len(blob),
-                now=self.clock(),
-            )
+            try:
+                p = self.core.prepare_put(
+                    meta.hash,
+                    session=meta.session,
+                    round_=meta.round,
+                    branch=meta.branch,
+                    nbytes=len(blob),
+                    now=self.clock(),
+                )
+            except StoreFull:  # every slot pinned or moving: decline the rest, never fail the caller
+                self.rejected += len(metas) - i
+                break
             if p is None:
                 continue  # already stored: blocks are content-addressed
             self._demote_first(p)

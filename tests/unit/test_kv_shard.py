@@ -139,3 +139,14 @@ def test_bytes_transport_shard_and_client_without_nixl():
         client.stats["bytes_puts"] == 1 and client.stats["bytes_gets"] == 1 and client.stats["nixl_gets"] == 0
     )
     s.close()
+
+
+def test_put_into_a_store_whose_every_slot_is_pinned_declines_instead_of_failing():
+    from kvstore.pool import slot_bytes_for
+    from kvstore.shard import BlockMeta, Shard, ShardConfig
+
+    shard = Shard(ShardConfig(ram_slots=2, slot_bytes=slot_bytes_for(100)))
+    assert shard.put([BlockMeta("a", "s", 0), BlockMeta("b", "s", 0)], [b"x" * 100, b"y" * 100]) == 2
+    assert len(shard.pin_for_read(["a", "b"])) == 2  # both pinned by a reader
+    assert shard.put([BlockMeta("c", "s", 1)], [b"z" * 100]) == 0
+    assert shard.rejected == 1 and shard.lookup(["a", "b"]) == 2
