@@ -85,7 +85,7 @@ def _prefix_ids(tok: Any, rng: random.Random) -> list[int]:
     return ids[:PREFIX]
 
 
-async def _restore(trials: int, progress, transport: str = "nixl") -> dict:
+async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: bool = True) -> dict:
     import ray
     from transformers import AutoTokenizer
 
@@ -119,6 +119,7 @@ async def _restore(trials: int, progress, transport: str = "nixl") -> dict:
             kv_cache_memory_bytes=256 << 20,
             block_size=BLOCK,
             kv_connector=kv,
+            ray_metrics=ray_metrics,
         )
         engine = VllmEngine(cfg, path)
         await engine.start()
