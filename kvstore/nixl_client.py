@@ -76,7 +76,8 @@ class NixlClient:
             return False
         self._gen += 1
         try:
-            t = make_transport(f"{self.name}-{self._gen}", prefer="nixl")
+            # An initiator only: no NIXL progress thread (it would spin a core in every engine).
+            t = make_transport(f"{self.name}-{self._gen}", prefer="nixl", progress_thread=False)
             if not t.one_sided:
                 return False
             buf = np.zeros(size, dtype=np.uint8)

@@ -175,15 +175,16 @@ class BytesTransport(Transport):
         raise TransportError("BytesTransport is not one-sided: gather here, ship, scatter on the peer")
 
 
-def make_transport(name: str, prefer: str = "nixl") -> Transport:
-    """NIXL (UCX) when asked for and importable, else BytesTransport; NIXL is imported only here."""
+def make_transport(name: str, prefer: str = "nixl", progress_thread: bool = True) -> Transport:
+    """NIXL (UCX) when asked for and importable, else BytesTransport; NIXL is imported only here.
+    `progress_thread=False` for a process that only initiates transfers (see NixlTransport)."""
     if prefer == "nixl":
         try:
             from kvstore.nixl_transport import NixlTransport
         except (ImportError, OSError) as e:  # OSError: the package is there, its libraries are not
             log.warning("NIXL not importable (%s): falling back to BytesTransport", e)
         else:
-            return NixlTransport(name)
+            return NixlTransport(name, progress_thread)
     elif prefer != "bytes":
         raise ValueError(f"unknown transport {prefer!r} (nixl or bytes)")
     return BytesTransport(name)

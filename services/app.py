@@ -18,6 +18,7 @@ def connector_config(cfg: AppConfig) -> KvConnectorConfig | None:
     return KvConnectorConfig(
         model=cfg.engine.model,
         timeout_s=kv.timeout_s,
+        transport=kv.transport,
         prefill_tokens_per_s=kv.prefill_tokens_per_s,
         load_margin=kv.load_margin,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -75,6 +76,11 @@ class KvStoreConfig(_Strict):
     disk_dir: str | None = Field(None, description="Folder of the disk tier's slot file (per node).")
     retention_window_s: float = Field(600.0, gt=0, description="Idle sessions' blocks go first after this.")
     timeout_s: float = Field(5.0, gt=0, le=60, description="A shard slower than this is a miss.")
+    transport: Literal["nixl", "ray"] = Field(
+        "nixl",
+        description="How block bytes move between engines and shards: nixl (one-sided READ/WRITE; each "
+        "shard runs NIXL's progress thread, which keeps a core busy) or ray (bytes in Ray calls).",
+    )
     affinity: bool = Field(True, description="Send a session's rounds to the worker holding its prefix.")
     affinity_max_queue: int = Field(
         4, ge=0, le=4096, description="Spill to another worker (store supplies the prefix) at this queue."

@@ -37,5 +37,6 @@ def start_store(cfg: AppConfig) -> object | None:
         slot_bytes=slot,
         disk_path=None if not kv.disk_bytes else f"{kv.disk_dir or '/tmp/ponder-kv'}/slots-{{node}}.bin",
         retention_window_s=kv.retention_window_s,
+        transport="nixl" if kv.transport == "nixl" else "bytes",
     )
     return StoreClient(start_shards(shard, alive_nodes()), timeout_s=kv.timeout_s)
