@@ -117,7 +117,3 @@ class StoreClient:
     def report_corrupt(self, session: str, hashes: list[str]) -> None:
         if self.shards:
             self._call(session, "report_corrupt", hashes, default=None)
-
-    def mark_round(self, session: str, round_: int) -> None:
-        if self.shards:
-            self._call(session, "mark_round", session, round_, default=None)

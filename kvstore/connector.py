@@ -97,7 +97,6 @@ class PonderKVConnector(KVConnectorBase_V1):
         self.layers: list[torch.Tensor] = []
         self._load_errors: set[int] = set()
         self._t_forward = self._t_loading = 0.0
-        self._marked: dict[str, int] = {}  # session -> last round announced to its shard
 
     # --- scheduler side ----------------------------------------------------------------------
 
@@ -105,16 +104,12 @@ class PonderKVConnector(KVConnectorBase_V1):
         params = request.sampling_params
         tags = KvTags.from_extra_args(params.extra_args if params is not None else None)
         tokens = lambda r=request: r.all_token_ids  # noqa: E731 - live: grows as the request decodes
-        if tags is not None and self._marked.get(tags.session, -1) < tags.round:
+        if tags is not None and self.planner.new_round(tags):
             # Retention: the shard keeps this round and the previous one hot, demotes older ones.
-            self._marked[tags.session] = tags.round
             self.store.notify(tags.session, "mark_round", tags.session, tags.round)
-            if len(self._marked) > 65536:
-                self._marked.pop(next(iter(self._marked)))
         n = self.planner.match(request.request_id, tags, tokens, num_computed_tokens)
         if tags is not None:
-            st = self.planner.reqs.get(request.request_id)
-            result = "hit" if n else (st.decision if st is not None and st.decision else "miss")
+            result = "hit" if n else self.planner.decision(request.request_id)
             self.metrics.lookups.inc(1, tags={"result": result})
         return n, False
 

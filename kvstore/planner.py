@@ -106,6 +106,7 @@ class Planner:
         self.reqs: dict[str, _Req] = {}
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()  # (session, hash) saved lately
         self._dedup_size = dedup_size
+        self._rounds: OrderedDict[str, int] = OrderedDict()  # session -> last round announced
         self.counters = {"lookups": 0, "hit_blocks": 0, "loads_skipped_by_cost": 0}
 
     def match(
@@ -139,6 +140,21 @@ class Planner:
             return 0
         st.load, st.decision = (start, hit), "load"
         return n * self.bs
+
+    def new_round(self, tags: KvTags) -> bool:
+        """True the first time a session's round is seen (announce it to the shard: retention)."""
+        if self._rounds.get(tags.session, -1) >= tags.round:
+            return False
+        self._rounds[tags.session] = tags.round
+        self._rounds.move_to_end(tags.session)
+        if len(self._rounds) > self._dedup_size:
+            self._rounds.popitem(last=False)
+        return True
+
+    def decision(self, req_id: str) -> str:
+        """The last lookup's outcome for a request: load, miss, local, recompute_cheaper."""
+        st = self.reqs.get(req_id)
+        return st.decision if st is not None and st.decision else "miss"
 
     def allocated(self, req_id: str, num_external: int) -> None:
         """The scheduler allocated blocks and settled on `num_external` tokens (may be fewer)."""

@@ -146,3 +146,12 @@ def test_saves_are_deduplicated_per_session():
         p.allocated(rid, 0)
     plan = p.step([("a", [1, 2, 3], 0, 9), ("b", [4, 5, 6], 0, 9)], [])
     assert [s.block_ids for s in plan.saves] == [[1, 2]]
+
+
+def test_each_session_round_is_announced_once_and_decisions_are_named():
+    p = planner(stored=0)
+    assert p.new_round(TAGS) and not p.new_round(TAGS)
+    assert p.new_round(KvTags("s1", 2)) and not p.new_round(KvTags("s1", 1))  # never backwards
+    assert p.decision("unknown") == "miss"
+    p.match("r", TAGS, lambda: list(range(13)), 0)
+    assert p.decision("r") == "miss"
