@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
@@ -78,8 +79,10 @@ def _fail(resp: httpx.Response) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
+    key = getattr(args, "api_key", None) or os.environ.get("PONDER_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with httpx.Client(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(600.0, connect=5.0), headers=headers) as client:
             models = client.get(f"{base}/v1/models")
             if models.status_code != 200:
                 return _fail(models)

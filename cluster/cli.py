@@ -1,4 +1,4 @@
-"""`ponder`: serve, chat, status, models, bench."""
+"""`ponder`: serve, chat, status, models, keys, bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cluster.models import ModelError
+from services.auth import KeyFileError
 from services.config import DEFAULT_CONFIG, AppConfig
 
 
@@ -26,7 +27,7 @@ def load_config(path: str) -> AppConfig:
         return AppConfig.load(path)
     except ValidationError as exc:
         raise CliError(f"invalid config {path}:\n{exc}") from exc
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, KeyFileError) as exc:
         raise CliError(str(exc)) from exc
 
 
@@ -134,6 +135,12 @@ def cmd_bench_observe(args: argparse.Namespace) -> int:
     return observe.main(args)
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    from bench import soak
+
+    return soak.main(args)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench import calibrate
 
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="ask a running Ponder server")
     c.add_argument("question")
     c.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    c.add_argument("--api-key", help="API key when the server wants one (better: $PONDER_API_KEY)")
     c.add_argument("--tier", choices=["low", "medium", "high", "critical"])
     c.add_argument("--max-rounds", type=int)
     c.add_argument("--min-rounds", type=int)
@@ -173,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.models import add_models_parser
 
     add_models_parser(sub)
+    from cluster.keys import add_keys_parser
+
+    add_keys_parser(sub)
+    from cluster.helm import add_helm_parser
+
+    add_helm_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -196,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_observe_arguments(ob)
     ob.set_defaults(func=cmd_bench_observe)
+    so = bsub.add_parser("soak", help="sustained load: memory flat, store/engine/sessions back to baseline")
+    from bench.soak import add_arguments as add_soak_arguments
+
+    add_soak_arguments(so)
+    so.set_defaults(func=cmd_bench_soak)
 
     cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
     from bench.calibrate import add_arguments as add_calibrate_arguments

@@ -12,6 +12,9 @@ Retention, most expendable first (each class in least-recently-used order):
   3 hot      the current and the previous round
 RAM makes room by demoting to disk (classes 1-3) or dropping (class 0); disk makes room by dropping.
 Pinned blocks (being read) never move.
+
+Session entries are bounded too: an exited session is forgotten when its last block leaves (at once if
+it holds none), and one that holds no blocks is forgotten once idle past the retention window.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Session:
     seen: float = 0.0
     pruned_branches: set[str] = field(default_factory=set)
     exited: bool = False
+    blocks: int = 0  # blocks in the index tagged with this session
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,20 @@ class KvCore:
     def mark_exited(self, session: str, now: float) -> None:
         """The session's loop exited early: its trace is kept only while nothing else needs room."""
         self._session(session, now).exited = True
+        self._forget_if_done(session)
+
+    def _forget_if_done(self, session: str) -> None:
+        s = self.sessions.get(session)
+        if s is not None and s.exited and not s.blocks:
+            del self.sessions[session]
+
+    def forget_idle(self, now: float) -> int:
+        """Forget sessions that hold no blocks and were not touched within the retention window
+        (e.g. a hint that came after the session's end); returns how many."""
+        idle = [n for n, s in self.sessions.items() if not s.blocks and now - s.seen > self.window]
+        for n in idle:
+            del self.sessions[n]
+        return len(idle)
 
     def finish_session(self, session: str) -> list[tuple[str, Tier, int]]:
         """Bulk evict a finished session; returns the freed (hash, tier, slot) for the shell."""
@@ -155,7 +173,7 @@ class KvCore:
         if block_hash in self.blocks:
             self.blocks[block_hash].last_used = now
             return None
-        self._session(session, now)
+        s = self._session(session, now)
         demote, dropped = None, []
         if not self.free[Tier.RAM]:
             demote, dropped = self._make_room_in_ram(now)
@@ -163,6 +181,8 @@ class KvCore:
         self.blocks[block_hash] = Block(
             block_hash, session, round_, branch, nbytes, Tier.RAM, slot, last_used=now
         )
+        # Making room may have forgotten this very session (exited, its last block dropped).
+        self.sessions.setdefault(session, s).blocks += 1
         return Placement(Tier.RAM, slot, demote, tuple(dropped))
 
     def complete_put(self, block_hash: str, ok: bool) -> None:
@@ -282,7 +302,15 @@ class KvCore:
         self.free[b.tier].append(b.slot)
         if b.target_slot is not None:
             self.free[Tier.DISK].append(b.target_slot)
+        s = self.sessions.get(b.session)
+        if s is not None:
+            s.blocks -= 1
+            self._forget_if_done(b.session)
         self._event("evict", b.hash, reason)
+
+    def _live(self, session: str) -> bool:
+        s = self.sessions.get(session)
+        return s is not None and not s.exited
 
     def _event(self, kind: str, block_hash: str, detail: str) -> None:
         self.events.append((kind, block_hash, detail))
@@ -297,5 +325,10 @@ class KvCore:
             "slots_total": {t.value: n for t, n in self.capacity.items()},
             "bytes_stored": sum(b.nbytes for b in self.blocks.values()),
             "pinned": sum(1 for b in self.blocks.values() if b.refs),
+            "pending": sum(1 for b in self.blocks.values() if b.state is not State.READY),
+            # Sessions not yet marked exited, and their blocks (exited sessions' blocks are kept as
+            # a cache, first to go when room is needed): what a finished workload leaves behind.
+            "live_sessions": sum(1 for s in self.sessions.values() if not s.exited),
+            "live_blocks": sum(1 for b in self.blocks.values() if self._live(b.session)),
             "events": {f"{k}:{d}": n for (k, d), n in sorted(self.counts.items())},
         }

@@ -14,7 +14,11 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+try:  # GPU images: PyPI's torch is a CUDA 13 build (requirements/gpu.txt); CPU machines: CUDA 12
+    from nixl_cu13._api import nixl_agent, nixl_agent_config
+except ImportError:
+    from nixl_cu12._api import nixl_agent, nixl_agent_config
 
 from kvstore.transport import (
     PeerInfo,

@@ -40,7 +40,10 @@ def _check(slot: int, n: int, slots: int, slot_bytes: int) -> None:
 class RamPool:
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slots, self.slot_bytes = slots, slot_bytes
-        self.buffer = np.zeros(slots * slot_bytes, dtype=np.uint8)  # touched now: no page faults later
+        # Touched now, so the pool is resident from the start and saves take no page faults later
+        # (np.zeros alone maps lazy zero pages: RSS would creep up as slots are first written).
+        self.buffer = np.empty(slots * slot_bytes, dtype=np.uint8)
+        self.buffer.fill(0)
 
     def offset(self, slot: int) -> int:
         return slot * self.slot_bytes

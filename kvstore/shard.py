@@ -220,6 +220,7 @@ class Shard:
                 released += 1
             if not pins:
                 del self._pins[h]
+        self.core.forget_idle(now)  # session entries without blocks, idle past the window
         return released
 
     def pin_for_read(self, hashes: list[str]) -> list[tuple[str, int, int]]:

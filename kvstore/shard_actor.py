@@ -41,6 +41,7 @@ class ShardActor(Shard):
     def publish(self) -> dict:
         if not self._metrics_ready:
             self._make_metrics()  # inside the actor, on first use (not at import)
+        self.core.forget_idle(self.clock())  # periodic, also when no NIXL call runs `sweep`
         st = self.stats()
         for tier, total in st["slots_total"].items():
             used = st["slots_used"].get(tier, 0)

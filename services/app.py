@@ -55,11 +55,49 @@ def build_app(cfg: AppConfig) -> Application:
     ).bind(cfg.model_dump(), worker)
 
 
-def app_builder(args: dict[str, str]) -> Application:
-    """Entry point for `serve run services.app:app_builder config=PATH` and KubeRay serveConfigV2."""
-    cfg = AppConfig.load(args.get("config", DEFAULT_CONFIG))
+IMPORT_PATH = "services.app:app_builder"
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point for `serve run services.app:app_builder config=PATH` and for KubeRay's
+    serveConfigV2, whose args carry the config inline as `app` (deploy/helm/ponder)."""
+    unknown = set(args) - {"config", "app"}
+    if unknown or ("config" in args and "app" in args):
+        raise ValueError(
+            f"app_builder takes `config` (a path) or `app` (the config inline), got {sorted(args)}"
+        )
+    if "app" in args:
+        cfg = AppConfig.from_dict(args["app"])
+    else:
+        cfg = AppConfig.load(args.get("config", DEFAULT_CONFIG))
     if not cfg.engine.model_path:
         from cluster.models import ensure_model  # provisioning is cluster/'s job
 
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))
     return build_app(cfg)
+
+
+def serve_config(cfg: AppConfig, args: dict) -> dict:
+    """The Serve config (as `serve build` writes it) of the application `build_app(cfg)` makes:
+    what KubeRay's serveConfigV2 must say so that the cluster runs what `ponder serve` runs.
+    `args` are the builder's args as the config will carry them."""
+    from ray.serve._private.build_app import build_app as build_deployments
+    from ray.serve.deployment import deployment_to_schema
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    # Deployment options never depend on where the weights are; the cluster resolves the path.
+    placeholder = cfg.engine.model_copy(update={"model_path": cfg.engine.model_path or "unresolved"})
+    built = build_deployments(build_app(cfg.model_copy(update={"engine": placeholder})), name=cfg.app_name)
+    app = ServeApplicationSchema(
+        name=cfg.app_name,
+        route_prefix="/",
+        import_path=IMPORT_PATH,
+        args=args,
+        deployments=[deployment_to_schema(d) for d in built.deployments],
+    )
+    config = {
+        "http_options": {"host": "0.0.0.0", "port": cfg.http.port},
+        "applications": [app.model_dump(mode="json", exclude_unset=True)],
+    }
+    ServeDeploySchema.model_validate(config)
+    return config

@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.auth import read_keys
 from services.engine_config import EngineConfig
 from services.reasoning.budgets import BudgetConfig
 
@@ -32,6 +33,9 @@ class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1, le=256, description="Router (HTTP ingress) replicas.")
     num_cpus: float = Field(0.25, ge=0.0, le=64, description="Ray CPUs reserved per router replica.")
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Largest request body.")
+    max_header_bytes: int = Field(
+        32 << 10, ge=1024, le=1 << 20, description="Largest request header block (all headers together)."
+    )
     max_messages: int = Field(512, ge=1, le=100_000, description="Most messages in one request.")
     default_max_tokens: int = Field(256, ge=1, le=32_768, description="Per-round completion cap.")
     max_tokens_limit: int = Field(2048, ge=1, le=131_072, description="Largest per-round cap.")
@@ -43,6 +47,9 @@ class RouterConfig(_Strict):
     )
     tot_grant_wait_s: float = Field(
         10.0, ge=0.0, le=300.0, description="How long a ToT expansion waits for the cluster's node budget."
+    )
+    round_retries: int = Field(
+        2, ge=0, le=10, description="Times a round is resumed on another worker when its worker dies."
     )
     depth_control_timeout_s: float = Field(
         2.0, gt=0.0, le=60.0, description="Past this, a round is decided locally (hard ceilings)."
@@ -105,6 +112,21 @@ class HttpConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API.")
 
 
+class AuthConfig(_Strict):
+    """API keys (docs/security.md). Neither set: no authentication, the local default."""
+
+    api_keys_file: str | None = Field(
+        None,
+        description="YAML listing the keys (`keys: [{name, sha256, requests_per_minute?, tokens_per_minute?, "
+        "tiers?}]`), hashes only; relative to the config file. On Kubernetes: the mounted Secret.",
+    )
+    api_keys_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding such a YAML document (a Secret as env).",
+    )
+
+
 class AppConfig(_Strict):
     app_name: str = Field("ponder", description="Ray Serve application name.")
     engine: EngineConfig
@@ -114,6 +136,7 @@ class AppConfig(_Strict):
     kvstore: KvStoreConfig = KvStoreConfig()
     ray: RayConfig = RayConfig()
     http: HttpConfig = HttpConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _store_needs_block_size(self) -> AppConfig:
@@ -129,11 +152,21 @@ class AppConfig(_Strict):
         """Load and validate; relative file paths inside resolve against the config's folder."""
         path = Path(path)
         with open(path, encoding="utf-8") as f:
-            cfg = cls.model_validate(yaml.safe_load(f) or {})
+            return cls.from_dict(yaml.safe_load(f) or {}, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, config_path: str | Path = DEFAULT_CONFIG) -> AppConfig:
+        """Validate a config given inline (KubeRay's serveConfigV2 args); relative file paths inside
+        resolve against `config_path`'s folder (by default the packaged configs/)."""
+        path = Path(config_path)
+        cfg = cls.model_validate(data)
         cfg.depth_control.tiers_file = _resolve(path, cfg.depth_control.tiers_file)
         cfg.depth_control.domains_file = _resolve(path, cfg.depth_control.domains_file)
         cfg.depth_control.state_dir = _state_dir(path, cfg.depth_control.state_dir)
         cfg.router.complexity_file = _resolve(path, cfg.router.complexity_file)
+        if cfg.auth.api_keys_file is not None:
+            cfg.auth.api_keys_file = _resolve_keys(path, cfg.auth.api_keys_file)
+        read_keys(cfg.auth.api_keys_file, cfg.auth.api_keys_env)  # bad keys fail here, not in a replica
         return cfg
 
 
@@ -142,6 +175,13 @@ def _resolve(config_path: Path, file: str) -> str:
     resolved = Path(file) if Path(file).is_absolute() else (config_path.parent / file).resolve()
     if not resolved.is_file():
         raise FileNotFoundError(f"{config_path}: referenced file not found: {resolved}")
+    return str(resolved)
+
+
+def _resolve_keys(config_path: Path, file: str) -> str:
+    resolved = Path(file) if Path(file).is_absolute() else (config_path.parent / file).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{config_path}: auth.api_keys_file not found: {resolved}")
     return str(resolved)
 
 

@@ -133,11 +133,11 @@ class DepthClient:
             # Long enough to ride out an actor restart (Ray retries the call on the new actor).
             return await self._call(method, *args, timeout=max(self.timeout, DURABLE_TIMEOUT_S))
         except (UnknownRequestError, ReviewNotFoundError) as exc:
-            raise ApiError(404, str(exc), code="not_found") from exc
+            raise ApiError(404, _user_message(exc), code="not_found") from exc
         except (FeedbackExistsError, ReviewDecidedError) as exc:
-            raise ApiError(409, str(exc), code="conflict") from exc
+            raise ApiError(409, _user_message(exc), code="conflict") from exc
         except StateError as exc:
-            raise ApiError(400, str(exc)) from exc
+            raise ApiError(400, _user_message(exc)) from exc
         except Exception as exc:
             log.warning("depth control unavailable for %s (%s)", method, type(exc).__name__)
             raise ApiError(
@@ -147,3 +147,9 @@ class DepthClient:
                 type_="server_error",
                 code="depth_control_unavailable",
             ) from exc
+
+
+def _user_message(exc: StateError) -> str:
+    """The state error's own message. Raised in the actor, it arrives as Ray's RayTaskError subclass
+    of it, whose str() is the remote traceback (pids, addresses, actor ids): never shown to a client."""
+    return str(getattr(exc, "cause", None) or exc)

@@ -254,6 +254,9 @@ def feedback_stats(rows: list[dict]) -> dict:
     return {"n": len(rows), "by_exit_reason": out}
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
+
+
 def get_or_create(cfg: DepthControlConfig):
     """The cluster's depth-control actor, created on first use by whichever router comes first."""
     import ray
@@ -272,4 +275,7 @@ def get_or_create(cfg: DepthControlConfig):
         max_task_retries=-1,
         max_concurrency=1,  # one call at a time: the budgets and the SQLite file need no locks
         num_cpus=0,
+        # On the head: its state_dir is the volume there (deploy/helm: the head pod's state PVC), and a
+        # restart must find the same SQLite file, which a worker node's disk would not have.
+        resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote(cfg.model_dump(), incarnation)

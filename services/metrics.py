@@ -73,6 +73,12 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
         (),
         LATENCY_S,
     ),
+    "ponder_round_retries": (
+        "counter",
+        "Rounds resumed on another worker because theirs died (kind: generate, expand).",
+        ("kind",),
+        None,
+    ),
     "ponder_degraded_requests": (
         "counter",
         "Requests admitted with lowered ceilings (brownout).",
@@ -132,6 +138,9 @@ class Recorder:
                 decision=verdict.reason.value,
                 decided_by=record.decided_by or "local",
             )
+
+    def retry(self, kind: str) -> None:
+        self._put("ponder_round_retries", 1, kind=kind)
 
     def decision_latency(self, seconds: float) -> None:
         self._put("ponder_depth_decision_seconds", seconds)
@@ -194,15 +203,19 @@ def log_round(rid: str, plan: Any, record: RoundRecord, verdict: Verdict) -> Non
     )
 
 
-def log_request(rid: str, plan: Any, outcome: Outcome | None, status: str, control: Any) -> None:
-    """One line per request when it ends, whatever the end."""
+def log_request(
+    rid: str, plan: Any, outcome: Outcome | None, status: str, control: Any, api_key: str = "-"
+) -> None:
+    """One line per request when it ends, whatever the end. `api_key` is the key's configured name
+    ("-" without authentication), never the key or its hash."""
     rounds = outcome.rounds if outcome is not None else []
     log.info(
-        "request request_id=%s session=%s tier=%s strategy=%s status=%s exit_reason=%s rounds=%d "
-        "max_rounds=%d prompt_tokens=%d completion_tokens=%d reasoning_tokens=%d confidence=%s "
+        "request request_id=%s session=%s api_key=%s tier=%s strategy=%s status=%s exit_reason=%s "
+        "rounds=%d max_rounds=%d prompt_tokens=%d completion_tokens=%d reasoning_tokens=%d confidence=%s "
         "degraded=%s",
         rid,
         rid,
+        api_key,
         plan.tier,
         plan.strategy,
         status,
@@ -215,6 +228,21 @@ def log_request(rid: str, plan: Any, outcome: Outcome | None, status: str, contr
         _fmt(rounds[-1].confidence if rounds else None),
         bool(getattr(control, "degraded", False)),
     )
+
+
+def send_logs_to_replica_log() -> None:
+    """Inside a Serve replica, make Ponder's loggers (`ponder.*`, info and up) write into the replica's
+    log file. Serve sets up only its own `ray.serve` logger; without this, info lines such as
+    `ponder.requests` reach no handler and are lost."""
+    handlers = logging.getLogger("ray.serve").handlers
+    if not handlers:
+        return  # not in a replica: leave logging as the process set it up
+    ponder = logging.getLogger("ponder")
+    ponder.setLevel(logging.INFO)
+    for h in handlers:
+        if h not in ponder.handlers:
+            ponder.addHandler(h)
+    ponder.propagate = False
 
 
 def _fmt(x: float | None) -> str:

@@ -15,11 +15,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from services import responses
+from services import access, responses
 from services.api import (
+    ERROR_RESPONSES,
     ApiError,
+    BodyLimit,
     ChatRequest,
     FeedbackRequest,
     ReasoningOptions,
@@ -27,34 +30,36 @@ from services.api import (
     install_error_handlers,
 )
 from services.config import AppConfig
-from services.control import Control, DepthClient, api_key_id
+from services.control import Control, DepthClient
 from services.depth_control import get_or_create
 from services.engine import GenerateDelta, GenerateResult, SamplingSpec
 from services.kv import start_publisher, start_store
-from services.metrics import Recorder, log_request, log_round
+from services.metrics import Recorder, log_request, log_round, send_logs_to_replica_log
 from services.orchestrator import ContextLengthError, Event, Finished, Orchestrator, RoundDone
 from services.reasoning.complexity import ComplexityConfig, pick_tier
 from services.reasoning.domains import DomainRegistry, detect_domain
 from services.reasoning.tiers import PlanError, RoundPlan, TierTable, make_plan
+from services.resume import budget_spent, rebase, resumed
 from services.tokenizer import HfTokenizer
 from services.worker import delta_from_dict, result_from_dict
 
 REVIEW_STATUSES = ("pending", "approved", "rejected")
 
 log = logging.getLogger("ponder.router")
+# A worker replica that died under a round (Serve's router then stops choosing it).
+WORKER_GONE = (RayActorError, ActorUnavailableError)
 
-app = FastAPI(title="Ponder", version="0.1.0", description="Multi-round reasoning, OpenAI-compatible")
+app = FastAPI(
+    title="Ponder",
+    version="0.1.0",
+    description="Multi-round reasoning, OpenAI-compatible",
+    responses=ERROR_RESPONSES,  # /openapi.json describes the errors this API really sends
+)
 install_error_handlers(app)
+app.add_middleware(BodyLimit)  # 431/413 from the router's config, before a handler reads the request
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    # Refuse oversized bodies before reading them; the limit comes from the router's config.
-    limit = getattr(app.state, "max_body_bytes", 1 << 20)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return ApiError(413, f"Request body larger than {limit} bytes.").response()
-    return await call_next(request)
+access.install(app)  # added last, so it runs first: no key, no further look at the request
 
 
 @serve.deployment(name="Router")
@@ -64,6 +69,9 @@ class Router:
         self.cfg = AppConfig.model_validate(config)
         self.rcfg = self.cfg.router
         app.state.max_body_bytes = self.rcfg.max_body_bytes
+        app.state.max_header_bytes = self.rcfg.max_header_bytes
+        send_logs_to_replica_log()
+        self.auth = app.state.auth = access.load(self.cfg.auth)  # None: no keys configured
         self.worker = worker
         self.model = self.cfg.engine.model
         self.tiers = TierTable.load(self.cfg.depth_control.tiers_file)
@@ -101,16 +109,50 @@ class Router:
     async def _generate(
         self, request_id: str, prompt: list[int], spec: SamplingSpec
     ) -> AsyncIterator[GenerateDelta]:
-        stream = self.worker.options(stream=True).generate_stream.remote(request_id, prompt, spec.__dict__)
-        async for d in stream:
-            yield delta_from_dict(d)
+        """One round, streamed; resumed on another worker if its worker dies (services/resume.py)."""
+        done: list[int] = []
+        for attempt in range(self.rcfg.round_retries + 1):
+            nxt = resumed(spec, prompt, done)
+            if nxt is None:
+                yield budget_spent(len(prompt))
+                return
+            full, sub = nxt
+            rid = request_id if attempt == 0 else f"{request_id}~{attempt}"  # vLLM ids are unique
+            carried = len(done)
+            stream = self.worker.options(stream=True).generate_stream.remote(rid, full, sub.__dict__)
+            try:
+                async for d in stream:
+                    delta = rebase(delta_from_dict(d), carried)
+                    done.extend(delta.token_ids)
+                    yield delta
+                return
+            except WORKER_GONE as exc:
+                if attempt == self.rcfg.round_retries:
+                    raise
+                self.metrics.retry("generate")
+                log.warning(
+                    "round %s: its worker died after %d tokens (%s); resuming on another worker",
+                    request_id,
+                    len(done),
+                    type(exc).__name__,
+                )
 
     async def _expand(
         self, request_id: str, prompt: list[int], spec: SamplingSpec, n: int
     ) -> list[GenerateResult]:
-        """n children of one prompt in one engine request (shared prefix): Tree-of-Thought."""
-        results = await self.worker.generate_n.remote(request_id, prompt, spec.__dict__, n)
-        return [result_from_dict(r) for r in results]
+        """n children of one prompt in one engine request (shared prefix): Tree-of-Thought. Nothing
+        has reached the client yet, so a dead worker's expansion is simply asked again."""
+        for attempt in range(self.rcfg.round_retries + 1):
+            rid = request_id if attempt == 0 else f"{request_id}~{attempt}"
+            try:
+                results = await self.worker.generate_n.remote(rid, prompt, spec.__dict__, n)
+                return [result_from_dict(r) for r in results]
+            except WORKER_GONE as exc:
+                if attempt == self.rcfg.round_retries:
+                    raise
+                self.metrics.retry("expand")
+                log.warning("expansion %s: its worker died (%s); again", request_id, type(exc).__name__)
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def _no_decide(*_: object) -> None:
@@ -196,7 +238,8 @@ class Router:
             raise
         finally:
             self.metrics.request(outcome, plan.tier, plan.strategy, status, control.reasons)
-            log_request(rid, plan, outcome, status, control)
+            log_request(rid, plan, outcome, status, control, api_key=key if self.auth is not None else "-")
+            access.record_tokens(self.auth, key, outcome.total_completion_tokens if outcome else 0)
             self.control.finish(rid, key, record)
             if self.kv is not None:
                 # Its trace goes first when a shard needs room (kept while there is room).
@@ -240,13 +283,15 @@ class Router:
     async def chat_completions(self, req: ChatRequest, request: Request):
         self._validate(req)
         (plan, tier_reason, domain_reason), sampling = self._plan(req), self._sampling(req)
+        if (refused := access.check_chat(self.auth, access.caller(request), plan.tier)) is not None:
+            return refused  # 403: a tier the key may not use; 429: its tokens per minute are used up
         orch = await self._orch()
         conversation = req.conversation()
         try:
             first_prompt = orch.first_prompt(conversation)  # checked here: a 400 before any stream
         except ContextLengthError as exc:
             raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from exc
-        rid, key, control = responses.new_id(), api_key_id(request.headers.get("authorization")), Control()
+        rid, key, control = responses.new_id(), access.key_id(request), Control()
         if self.kv is not None and (req.reasoning is None or req.reasoning.kv_store is not False):
             sampling = dataclasses.replace(sampling, kv_tags=(rid, 0, ""))  # the session is the request
         plan = await self._admit(rid, key, req, plan, control)

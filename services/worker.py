@@ -103,6 +103,11 @@ class ReasoningWorker:
     async def engine_info(self) -> dict:
         return dataclasses.asdict(self.info)
 
+    async def engine_stats(self) -> dict:
+        """Read-only: requests the engine still tracks (0 when idle, else some leaked); bench soak."""
+        count = getattr(self.engine, "num_unfinished_requests", None)
+        return {"replica": self.replica, "unfinished_requests": None if count is None else count()}
+
     async def check_health(self) -> None:
         # Serve calls this periodically; an engine whose core died fails here and is replaced.
         check = getattr(self.engine, "check_health", None)

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.reasoning.signals import ExitRule, Signals
 
-TIER_NAMES = ("low", "medium", "high", "critical")
+TierName = Literal["low", "medium", "high", "critical"]
+TIER_NAMES: tuple[str, ...] = TierName.__args__
 STRATEGIES = ("cot", "tot")
 # An absolute bound on any ceiling: a typo in a config must not let a loop run for hundreds of rounds.
 ABSOLUTE_MAX_ROUNDS = 16
@@ -52,8 +53,11 @@ class Tier(BaseModel):
 class TierTable(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    default_tier: str = Field("medium", description="Tier used when a request names none.")
-    tiers: dict[str, Tier] = Field(description="Tier name -> policy; low, medium, high, critical.")
+    default_tier: TierName = Field("medium", description="Tier used when a request names none.")
+    tiers: dict[TierName, Tier] = Field(
+        description="Tier name -> policy; low, medium, high, critical.",
+        json_schema_extra={"required": list(TIER_NAMES)},  # the Helm values schema refuses a missing tier
+    )
 
     @model_validator(mode="after")
     def _known_tiers(self) -> TierTable:

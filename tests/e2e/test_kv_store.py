@@ -5,6 +5,8 @@ every reference output is a true recompute."""
 import concurrent.futures as cf
 import os
 import random
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -160,3 +162,71 @@ def test_a_shard_node_removed_mid_run_fails_no_request(cluster, http, cfg):
     # The cluster goes on: a fresh session still reuses its prefix through the surviving shards.
     _, rounds = texts(http, cfg, QS[0] + " Answer briefly.", kv=True)
     assert any(r["kv_loaded_tokens"] > 0 for r in rounds[1:])
+
+
+def _replicas(deployment: str) -> list[str]:
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a.get("namespace") == "serve" and f"#{deployment}#" in a["name"]
+    )
+
+
+def _wait_busy(replica, futures, timeout_s=120):
+    """Until the replica has a round in flight (bounded; fails if the sessions end first)."""
+    deadline = time.monotonic() + timeout_s
+    while ray.get(replica.get_num_ongoing_requests.remote()) == 0:
+        assert time.monotonic() < deadline and not all(f.done() for f in futures), "never got a round"
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_round_is_resumed_and_the_client_sees_one_answer(cluster, http, cfg):
+    """Issue 7: a worker replica dies under a round; the round resumes on the other worker, every
+    request answers 200 and the greedy answers equal the undisturbed run."""
+    reference = {q: texts(http, cfg, q, kv=False)[0] for q in QS}
+    workers = _replicas("ReasoningWorker")
+    assert len(workers) == 2
+    victim = ray.get_actor(workers[0], namespace="serve")
+    with cf.ThreadPoolExecutor(len(QS)) as pool:
+        futures = {pool.submit(texts, http, cfg, q, True): q for q in QS}
+        _wait_busy(victim, futures)
+        ray.kill(victim, no_restart=True)
+        results = {futures[f]: f.result() for f in futures}  # raises if any request failed
+    for q, (answers, rounds) in results.items():
+        assert answers == reference[q], q
+        assert len(rounds) == 3
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    said = "".join(p.read_text(errors="replace") for p in logs.glob("replica_*Router*.log"))
+    assert "resuming on another worker" in said  # the kill hit a round, which was resumed
+
+
+def test_a_router_killed_mid_request_fails_cleanly_and_serving_resumes(cluster, http, cfg):
+    """Issue 7: the only router replica dies with requests in flight: each ends (an answer or an
+    error response, never a hang) and a new router serves the next request."""
+    (name,) = _replicas("Router")
+    router = ray.get_actor(name, namespace="serve")
+    with httpx.Client(base_url=str(http.base_url), timeout=120) as client:
+        with cf.ThreadPoolExecutor(len(QS)) as pool:
+            futures = [pool.submit(client.post, "/v1/chat/completions", json=_body(cfg, q)) for q in QS]
+            _wait_busy(router, futures)
+            ray.kill(router, no_restart=True)
+            outcomes = [f.result() for f in futures]  # an httpx timeout here would be a hang
+        for r in outcomes:
+            assert r.status_code == 200 or r.status_code >= 500, r.status_code
+            if r.status_code == 200:
+                assert len(r.json()["reasoning"]["rounds"]) == 3
+        print("router kill, in-flight outcomes:", sorted(r.status_code for r in outcomes), flush=True)
+        deadline = time.monotonic() + 180  # Serve replaces the replica; then requests answer again
+        while (r := client.post("/v1/chat/completions", json=_body(cfg, QS[0]))).status_code != 200:
+            assert time.monotonic() < deadline, r.text
+    assert _replicas("Router") != [name]
+
+
+def _body(cfg, question):
+    return {
+        "model": cfg.engine.model,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "reasoning": {**ROUNDS, "kv_store": True},
+    }

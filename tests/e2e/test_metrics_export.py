@@ -106,7 +106,7 @@ def test_kv_store_and_vllm_series_are_exported(http, app_config):
     assert any(n.startswith("ray_vllm_") for n, _ in snap), "vLLM's engine metrics are carried through"
 
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "ponder-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/helm/ponder/dashboards/ponder-dashboard.json"
 
 
 def dashboard_metrics() -> set[str]:

@@ -1,16 +1,24 @@
 """Reasoning control end to end (issue 3) on a local Ray cluster serving SmolLM2: Tree-of-Thought under
 a shared node budget, admission under pressure, the depth-control actor killed and resumed, human
-review, feedback and the bad-input refusals. Budgets are set small so pressure is reached on 2 cores."""
+review, feedback and the bad-input refusals. Budgets are set small so pressure is reached on 2 cores.
+
+The same cluster has API keys on (issue 7): every request here carries one, and the last test checks
+the refusals (401/403/429) and that no key reaches a log. Sharing the cluster saves a start-up."""
 
 import concurrent.futures as cf
 import json
 import time
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import ray
+import yaml
 
+from cluster.keys import new_key
 from cluster.local import running
+from services.auth import hash_key
 
 pytestmark = pytest.mark.e2e
 
@@ -19,11 +27,29 @@ NODE_CAP = 2  # ToT children being generated at once, cluster-wide
 DEEP_CAP = 2  # deep sessions (ceiling >= 4 rounds) in flight at once
 
 
+# name -> limits; raw keys are made per run and written only as hashes
+KEYS = {
+    "ops": {},
+    "low-only": {"tiers": ["low"]},
+    "two-per-minute": {"requests_per_minute": 2},
+    "one-token": {"tokens_per_minute": 1},
+}
+
+
 @pytest.fixture(scope="module")
-def cfg(app_config):
+def keys() -> dict[str, str]:
+    return {name: new_key() for name in KEYS}
+
+
+@pytest.fixture(scope="module")
+def cfg(app_config, keys, tmp_path_factory):
     cfg = app_config.model_copy(deep=True)
     cfg.depth_control.budgets.max_tot_nodes_in_flight = NODE_CAP
     cfg.depth_control.budgets.max_deep_sessions = DEEP_CAP
+    entries = [{"name": n, "sha256": hash_key(keys[n]), **limits} for n, limits in KEYS.items()]
+    path = tmp_path_factory.mktemp("keys") / "keys.yaml"
+    path.write_text(yaml.safe_dump({"keys": entries}))
+    cfg.auth.api_keys_file = str(path)
     return cfg
 
 
@@ -34,9 +60,13 @@ def base_url(cfg):
 
 
 @pytest.fixture(scope="module")
-def http(base_url):
-    with httpx.Client(base_url=base_url, timeout=300) as c:
+def http(base_url, keys):
+    with httpx.Client(base_url=base_url, timeout=300, headers=bearer(keys["ops"])) as c:
         yield c
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def body(cfg, reasoning, question=Q, max_tokens=12, **kw):
@@ -113,6 +143,14 @@ def test_stream_shows_tot_exploration_then_the_answer(http, cfg):
 
 
 def test_killed_depth_control_restarts_with_its_state_and_ceilings_hold(http, cfg):
+    # Durable data made before the kill: a pending review, a feedback record, the domains' thresholds.
+    critical = body(cfg, {"tier": "critical", "max_rounds": 2}, max_tokens=8)
+    held = http.post("/v1/chat/completions", json=critical)
+    assert held.status_code == 202, held.text
+    fed = http.post("/v1/chat/completions", json=body(cfg, {"tier": "low", "domain": "math"}, max_tokens=8))
+    feedback = {"request_id": fed.json()["id"], "correct": True}
+    assert http.post("/v1/feedback", json=feedback).status_code == 200
+    domains_before = http.get("/v1/domains").json()["domains"]
     a = actor(cfg)
     before = ray.get(a.stats.remote())
     reasoning = {"tier": "medium", "min_rounds": 4, "confidence_threshold": 1.0}
@@ -140,6 +178,11 @@ def test_killed_depth_control_restarts_with_its_state_and_ceilings_hold(http, cf
     deadline = time.monotonic() + 60  # the resumed sessions were finished by their routers
     while ray.get(actor(cfg).stats.remote())["budgets"]["sessions"] > 0:
         assert time.monotonic() < deadline
+    # Nothing durable was lost: the review is still pending, the feedback still counts once.
+    review = http.get(f"/v1/reviews/{held.json()['id']}")
+    assert review.status_code == 200 and review.json()["status"] == "pending", review.text
+    assert http.post("/v1/feedback", json={**feedback, "correct": False}).status_code == 409
+    assert http.get("/v1/domains").json()["domains"] == domains_before
 
 
 def test_critical_answers_are_held_for_review_then_released(http, cfg):
@@ -206,3 +249,63 @@ def test_bad_control_input_gets_a_clear_4xx(http, cfg, method, path, payload, st
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert needle in err["message"] and err["type"]
+
+
+def openai_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code and err["message"]
+    return err
+
+
+def test_api_keys_refuse_with_openai_errors_and_no_key_reaches_a_log(base_url, cfg, keys):
+    low = body(cfg, {"tier": "low", "max_rounds": 1}, max_tokens=4, ignore_eos=True)
+    with httpx.Client(base_url=base_url, timeout=300) as c:  # no key of its own
+        r = c.post("/v1/chat/completions", json=low)
+        openai_error(r, 401, "missing_api_key")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        openai_error(c.get("/v1/models", headers=bearer("pk-not-a-key")), 401, "invalid_api_key")
+        assert c.get("/healthz").status_code == 200
+        medium = body(cfg, {"tier": "medium"})
+        r = c.post("/v1/chat/completions", json=medium, headers=bearer(keys["low-only"]))
+        assert openai_error(r, 403, "tier_not_allowed")["param"] == "reasoning.tier"
+        limited = bearer(keys["two-per-minute"])
+        assert [c.get("/v1/models", headers=limited).status_code for _ in range(2)] == [200, 200]
+        r = c.get("/v1/models", headers=limited)
+        assert openai_error(r, 429, "rate_limit_exceeded")["type"] == "requests"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        capped = bearer(keys["one-token"])
+        ok = c.post("/v1/chat/completions", json=low, headers=capped)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4, ok.text
+        r = c.post("/v1/chat/completions", json=low, headers=capped)
+        assert openai_error(r, 429, "rate_limit_exceeded")["type"] == "tokens"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+    sdk = openai.OpenAI(base_url=f"{base_url}/v1", api_key="pk-not-a-key-either", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        sdk.models.list()
+    with pytest.raises(openai.RateLimitError):
+        sdk.with_options(api_key=keys["two-per-minute"]).models.list()
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    routers = list((logs / "serve").glob("replica_*Router*.log"))
+    deadline = time.monotonic() + 30  # the request line is written when the session ends
+    while not any("api_key=one-token " in p.read_text(errors="replace") for p in routers):
+        assert time.monotonic() < deadline, "no request line names the key"
+        time.sleep(0.5)
+    secrets = [k.encode() for k in (*keys.values(), "pk-not-a-key", "pk-not-a-key-either")]
+    for p in (p for p in logs.rglob("*") if p.is_file()):
+        data = p.read_bytes()
+        leaked = [s[:6] for s in secrets if s in data]
+        assert not leaked, f"{p} holds an API key"
+
+
+def test_ponder_chat_sends_the_key_from_the_environment(base_url, keys, monkeypatch, capsys):
+    from cluster import cli
+
+    argv = ["chat", "Say hi.", "--url", base_url, "--tier", "low", "--max-rounds", "1", "--max-tokens", "4"]
+    monkeypatch.delenv("PONDER_API_KEY", raising=False)
+    assert cli.main(argv) == 1
+    assert "HTTP 401" in capsys.readouterr().err
+    monkeypatch.setenv("PONDER_API_KEY", keys["ops"])
+    assert cli.main(argv) == 0
+    assert "[answer]" in capsys.readouterr().out

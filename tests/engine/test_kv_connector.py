@@ -144,3 +144,65 @@ def test_loads_that_do_not_pay_are_skipped(llm):
         cost.margin = saved
     assert report["decision"] == "recompute_cheaper" and report["loaded_tokens"] == 0 and cached == 0
     assert again == first
+
+
+def _forged(blob: bytes, **changes) -> bytes:
+    """The same block re-encoded with header fields changed (valid checksums: a deliberate forgery)."""
+    import dataclasses
+
+    from kvstore.codec import decode, encode
+
+    key = model_key(MODEL, "bfloat16", BLOCK)
+    header, payload = decode(blob, expect_model=key, expect_layout=blob_layout(blob))
+    return encode(dataclasses.replace(header, **changes), bytes(payload))
+
+
+def blob_layout(blob: bytes) -> str:
+    import msgpack
+
+    return msgpack.unpackb(blob[8 : 8 + int.from_bytes(blob[4:8], "big")])["layout"]
+
+
+def _declared_length(blob: bytes, n: int) -> bytes:
+    """The header's length prefix (bytes 4-8) rewritten to `n`."""
+    return blob[:4] + n.to_bytes(4, "big") + blob[8:]
+
+
+# Issue 7, KV tampering: each class of damage is rejected by the loader, counted by reason and
+# recomputed with the same greedy output. Nothing in a block is ever executed or unpickled: the
+# header is msgpack with extension types refused, the payload raw bytes (kvstore/codec.py).
+TAMPERING = {
+    "forged header (another model)": (lambda b: _forged(b, model="other-model|bfloat16|32"), "model"),
+    "wrong layout": (lambda b: _forged(b, layout="stack0:[1, 2, 3]"), "layout"),
+    "wrong dtype": (lambda b: _forged(b, dtype="float16"), "dtype"),
+    "another block's address": (lambda b: _forged(b, block_hash=b"\x01" * 32), "header"),
+    "truncated payload": (lambda b: b[: len(b) - 4096], "truncated"),
+    "checksum mismatch": (lambda b: b[:-1] + bytes([b[-1] ^ 0x5A]), "checksum"),
+    "oversized declared length": (lambda b: _declared_length(b, 1 << 30), "oversized"),
+    "not a block at all": (lambda b: b"\x80\x04\x95" + b[3:], "magic"),  # a pickle's opening bytes
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERING))
+def test_tampered_blocks_are_rejected_counted_and_recomputed(llm, case):
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    from kvstore.shard import BlockMeta
+
+    tamper, reason = TAMPERING[case]
+    # ~4 blocks and a few tokens out: short, as each case runs the model twice
+    ids = prompt_ids(llm, DOC[: len(DOC) // 2] + f"\nCase {case}: how long did the town take to grow?")
+    assert len(ids) > 3 * BLOCK
+    session = "s-tamper-" + reason
+    first, _, _ = run(llm, ids, session, max_tokens=8)
+    shard = store()
+    hashes = block_hashes(model_key(MODEL, "bfloat16", BLOCK), ids, BLOCK)
+    (blob,) = shard.get([hashes[2]])
+    shard.report_corrupt([hashes[2]])  # drop the honest block, put the tampered one at its address
+    assert shard.put([BlockMeta(hashes[2], session, 0)], [tamper(blob)]) == 1
+    rejected = dict(get_kv_transfer_group().stats["rejected"])
+    llm.reset_prefix_cache()
+    again, report, _ = run(llm, ids, session, max_tokens=8)
+    assert report["loaded_tokens"] == 2 * BLOCK  # blocks 0-1 loaded; 2 rejected: recomputed from there
+    assert get_kv_transfer_group().stats["rejected"].get(reason, 0) == rejected.get(reason, 0) + 1
+    assert again == first

@@ -34,7 +34,16 @@ def test_shipped_table_matches_the_source_document(table):
 def test_table_rejects_unknown_or_missing_tiers(tmp_path):
     raw = yaml.safe_load(TIERS.read_text())
     raw["tiers"]["extreme"] = raw["tiers"]["high"]
-    with pytest.raises(ValidationError, match="unknown"):
+    unknown = r"tiers\.extreme\.\[key\][\s\S]*'low', 'medium', 'high' or 'critical'"
+    with pytest.raises(ValidationError, match=unknown):
+        TierTable.model_validate(raw)
+    raw = yaml.safe_load(TIERS.read_text())
+    del raw["tiers"]["critical"]
+    with pytest.raises(ValidationError, match=r"missing \['critical'\]"):
+        TierTable.model_validate(raw)
+    raw = yaml.safe_load(TIERS.read_text())
+    raw["default_tier"] = "urgent"
+    with pytest.raises(ValidationError, match="default_tier"):
         TierTable.model_validate(raw)
     raw = yaml.safe_load(TIERS.read_text())
     raw["tiers"]["low"]["min_rounds"] = 3
