@@ -69,6 +69,12 @@ class DepthControlConfig(_Strict):
         "here. Default $PONDER_HOME/state (~/.cache/ponder/state); on Kubernetes, a volume.",
     )
     budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="Cluster-wide budgets.")
+    request_retention_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Finished requests are kept this long for feedback, then forgotten (their feedback "
+        "stays): the state file stops growing with traffic.",
+    )
     checkpoint_interval_s: float = Field(
         0.0, ge=0.0, le=60.0, description="Least time between budget checkpoints; 0 = after every change."
     )

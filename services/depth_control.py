@@ -28,6 +28,9 @@ log = logging.getLogger("ponder.depth_control")
 STATE_FILE = "depth-control.sqlite"
 
 
+PRUNE_EVERY_S = 60.0  # requests past retention are deleted at most this often
+
+
 class DepthControl:
     def __init__(self, cfg: dict, incarnation: str = "", clock: Callable[[], float] = time.time) -> None:
         """`incarnation` names the Ray cluster's lifetime: a restart inside it (same value) resumes
@@ -48,6 +51,7 @@ class DepthControl:
         self.decisions: Counter[str] = Counter(meta.get("decisions", {}))
         self.starts = int(meta.get("starts", 0)) + 1
         self._last_checkpoint = 0.0
+        self._last_prune = 0.0
         self._checkpoint(now, force=True)
         log.info(
             "depth control up (start %d) with tiers %s; %d sessions resumed",
@@ -141,6 +145,9 @@ class DepthControl:
         if record is not None:
             self.budgets.add_tokens(api_key, int(record.get("completion_tokens", 0)), now)
             self.store.record_request(session_id, now=now, **record)
+        if now - self._last_prune >= PRUNE_EVERY_S:  # retention: the file must not grow with traffic
+            self.store.prune_requests(now - self.cfg.request_retention_s)
+            self._last_prune = now
         self._checkpoint(now, force=True)
 
     # --- feedback and thresholds ------------------------------------------------------------------

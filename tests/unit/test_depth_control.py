@@ -136,3 +136,28 @@ def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_
     assert a.domains()["domains"]["general"]["threshold_source"] == "feedback"
     stats = a.domains()["domains"]["general"]["feedback"]["by_exit_reason"]
     assert stats["ceiling"]["accuracy"] == 1.0 and stats["confidence"]["accuracy"] == 0.5
+
+
+def test_finished_requests_past_retention_are_forgotten_but_their_feedback_stays(cfg):
+    clock = Clock()
+    a = DepthControl({**cfg, "request_retention_s": 3600.0}, "c", clock)
+    record = {
+        "domain": "math",
+        "tier": "low",
+        "strategy": "cot",
+        "exit_reason": "confidence",
+        "confidence": 0.9,
+        "rounds": 1,
+        "completion_tokens": 5,
+    }
+    for rid in ("old-1", "old-2"):
+        a.admit(rid, "k", "low", 1, 2, "math")
+        a.finish(rid, "k", record)
+    a.feedback("old-1", True)
+    clock.t += 3601.0  # past retention: the next finished request prunes the old ones
+    a.admit("new", "k", "low", 1, 2, "math")
+    a.finish("new", "k", record)
+    assert a.store.get_request("old-2") is None and a.store.get_request("new") is not None
+    with pytest.raises(UnknownRequestError):
+        a.feedback("old-2", True)
+    assert len(a.store.domain_feedback("math")) == 1  # feedback outlives its request
