@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import os
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -20,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from services.reasoning.tiers import TIER_NAMES, TierName
+from services.window import WINDOW_S, Window
 
-WINDOW_S = 60
 KEY_PREFIX = "pk-"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -169,39 +167,6 @@ def read_keys(
             "add one (`ponder keys new NAME`) or unset auth.api_keys_file / auth.api_keys_env"
         )
     return [k for k, _ in found]
-
-
-@dataclass
-class Window:
-    """Counts over the last WINDOW_S seconds: at most WINDOW_S (second, count) buckets, oldest first."""
-
-    buckets: deque[tuple[int, int]] = field(default_factory=deque)
-
-    def add(self, n: int, now: float) -> None:
-        # A clock that steps back adds to the newest bucket, so buckets stay ordered.
-        sec = max(int(now), self.buckets[-1][0]) if self.buckets else int(now)
-        if self.buckets and self.buckets[-1][0] == sec:
-            self.buckets[-1] = (sec, self.buckets[-1][1] + n)
-        else:
-            self.buckets.append((sec, n))
-        self.trim(now)
-
-    def trim(self, now: float) -> None:
-        while self.buckets and self.buckets[0][0] <= int(now) - WINDOW_S:
-            self.buckets.popleft()
-
-    def total(self, now: float) -> int:
-        self.trim(now)
-        return sum(n for _, n in self.buckets)
-
-    def retry_after(self, now: float, limit: int) -> int:
-        """Whole seconds until the total is below `limit` again, at least 1."""
-        total = self.total(now)
-        for sec, n in self.buckets:
-            total -= n
-            if total < limit:
-                return max(1, math.ceil(sec + WINDOW_S - now))
-        return 1
 
 
 @dataclass

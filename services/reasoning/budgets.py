@@ -14,11 +14,12 @@ never passed in, stored or checkpointed here.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-WINDOW_S = 60
+from services.window import Window
+
 SNAPSHOT_VERSION = 1
 _COUNTERS = ("degraded_admissions", "untracked_admissions", "partial_grants", "denied_grants")
 
@@ -77,30 +78,6 @@ class _Session:
     seen: float = 0.0
 
 
-@dataclass
-class _Window:
-    """Tokens per second over the last minute: at most WINDOW_S (second, tokens) buckets."""
-
-    buckets: deque[tuple[int, int]] = field(default_factory=deque)
-
-    def add(self, tokens: int, now: float) -> None:
-        # A clock that steps back adds to the newest bucket, so buckets stay ordered.
-        sec = max(int(now), self.buckets[-1][0]) if self.buckets else int(now)
-        if self.buckets and self.buckets[-1][0] == sec:
-            self.buckets[-1] = (sec, self.buckets[-1][1] + tokens)
-        else:
-            self.buckets.append((sec, tokens))
-        self.trim(now)
-
-    def trim(self, now: float) -> None:
-        while self.buckets and self.buckets[0][0] <= int(now) - WINDOW_S:
-            self.buckets.popleft()
-
-    def total(self, now: float) -> int:
-        self.trim(now)
-        return sum(t for _, t in self.buckets)
-
-
 class Budgets:
     """Sessions are kept in lease order (least recently renewed first), so `expire` stops at the
     first live one; the deep-slot and node totals are kept as counters."""
@@ -108,7 +85,7 @@ class Budgets:
     def __init__(self, cfg: BudgetConfig) -> None:
         self.cfg = cfg
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
-        self.windows: dict[str, _Window] = {}
+        self.windows: dict[str, Window] = {}
         self._deep = 0
         self._nodes = 0
         self.degraded_admissions = 0
@@ -215,7 +192,7 @@ class Budgets:
     def add_tokens(self, api_key: str, tokens: int, now: float) -> None:
         """Count completion tokens against a (hashed) key id."""
         if tokens > 0:
-            self.windows.setdefault(api_key, _Window()).add(tokens, now)
+            self.windows.setdefault(api_key, Window()).add(tokens, now)
 
     def tokens_last_minute(self, api_key: str, now: float) -> int:
         w = self.windows.get(api_key)
@@ -283,7 +260,7 @@ class Budgets:
             b._deep += s["deep"]
             b._nodes += s["nodes"]
         for key, buckets in snap["windows"].items():
-            b.windows[key] = _Window(deque((int(t), int(n)) for t, n in buckets))
+            b.windows[key] = Window(deque((int(t), int(n)) for t, n in buckets))
         for name in _COUNTERS:
             setattr(b, name, int(snap["counters"].get(name, 0)))
         b.waiting = [sid for sid in snap.get("waiting", []) if sid in b.sessions]
