@@ -19,6 +19,17 @@ class Clock:
         return self.t
 
 
+# What a router reports when a low-tier math request finishes (DepthControl.finish).
+MATH_RECORD = {
+    "domain": "math",
+    "tier": "low",
+    "strategy": "cot",
+    "exit_reason": "confidence",
+    "confidence": 0.9,
+    "rounds": 1,
+}
+
+
 @pytest.fixture
 def cfg(tmp_path):
     c = AppConfig.load(DEFAULT_CONFIG).depth_control
@@ -62,15 +73,7 @@ def test_feedback_needs_a_finished_request_and_is_once_only(cfg):
     with pytest.raises(UnknownRequestError):
         a.feedback("chatcmpl-x", True)
     a.admit("chatcmpl-x", "k", "low", 1, 2, "math")
-    record = {
-        "domain": "math",
-        "tier": "low",
-        "strategy": "cot",
-        "exit_reason": "confidence",
-        "confidence": 0.9,
-        "rounds": 1,
-        "completion_tokens": 12,
-    }
+    record = {**MATH_RECORD, "completion_tokens": 12}
     a.finish("chatcmpl-x", "k", record)
     out = a.feedback("chatcmpl-x", True)
     assert out["domain"] == "math" and out["threshold"] is not None
@@ -141,15 +144,7 @@ def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_
 def test_finished_requests_past_retention_are_forgotten_but_their_feedback_stays(cfg):
     clock = Clock()
     a = DepthControl({**cfg, "request_retention_s": 3600.0}, "c", clock)
-    record = {
-        "domain": "math",
-        "tier": "low",
-        "strategy": "cot",
-        "exit_reason": "confidence",
-        "confidence": 0.9,
-        "rounds": 1,
-        "completion_tokens": 5,
-    }
+    record = {**MATH_RECORD, "completion_tokens": 5}
     for rid in ("old-1", "old-2"):
         a.admit(rid, "k", "low", 1, 2, "math")
         a.finish(rid, "k", record)
