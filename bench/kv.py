@@ -1,10 +1,12 @@
 """`ponder bench kv`: the KV store's numbers (issue 4).
 
 Measured now, in one process, against a local memcpy of the same bytes in the same run:
-- codec_vs_memcpy: encode + decode throughput of real-sized blocks (16 tokens, bf16, SmolLM2's
-  30 layers x 3 KV heads x 64) over numpy memcpy throughput;
-- store_waste_fraction: unused bytes of the occupied slots of a RAM pool filled with encoded blocks;
-- ram_put_get_vs_memcpy: a shard's put + get of those blocks over memcpy.
+- codec_vs_memcpy: encode + decode throughput of real-sized store chunks (64 tokens, the CPU
+  default: 2 of vLLM's 32-token CPU blocks, bf16, SmolLM2's 30 layers x 3 KV heads x 64), digests
+  by two threads, over numpy memcpy throughput;
+- store_waste_fraction: bytes of the occupied slots of a RAM pool filled with encoded chunks that
+  hold no KV (header area, rounding);
+- ram_put_get_vs_memcpy: a shard's put + get of those chunks over memcpy.
 Between two processes (a shard in a Ray actor, this driver through kvstore/nixl_client.py):
 - nixl_vs_memcpy: NIXL READ bandwidth of batches of 4 MiB and more out of the shard's RAM pool, one
   contiguous span and as the encoded blocks' scattered slot spans, over a local numpy memcpy of the
@@ -15,7 +17,10 @@ With real engines (bench/kv_serve.py; skipped with --no-serve, then null with th
 - restore_vs_recompute_speedup_2k: time to first token of a round whose 2,048-token prefix is loaded
   from a shard (over NIXL) vs recomputed, one CPU vLLM engine with Ponder's connector;
 - prefix_reuse_fraction: reused prompt tokens (local prefix cache + store) over the prefix shared
-  with the previous round, rounds after the first of served multi-round sessions on 2 workers.
+  with the previous round, rounds after the first of served multi-round sessions on 2 workers;
+- serving_throughput_store_on_vs_off: completion tokens/s of a served multi-round workload with
+  the store on over the same with it off.
+The worker-side data path alone, per context length and on a GPU too: `ponder bench kv-path`.
 """
 
 from __future__ import annotations
@@ -29,22 +34,24 @@ from pathlib import Path
 import numpy as np
 
 from kvstore.codec import BlockHeader, decode, encode
+from kvstore.digest import Hasher
 from kvstore.pool import RamPool, slot_bytes_for, waste_fraction
 from kvstore.shard import BlockMeta, Shard, ShardConfig
 
-LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS = 30, 3, 64, 16  # SmolLM2-135M, vLLM's 16-token blocks
-SHAPE = (LAYERS, 2, KV_HEADS, BLOCK_TOKENS, HEAD_DIM)
-MODEL, LAYOUT = "smollm2-135m-instruct", "[layers,2,kv_heads,block,head_dim]"
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, CHUNK_BLOCKS = 30, 3, 64, 32, 2  # SmolLM2-135M on CPU
+SHAPE = (LAYERS, CHUNK_BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)  # layer-major, as the connector
+MODEL, LAYOUT = "smollm2-135m-instruct", f"layer-major/bd0:{list(SHAPE)}"
 SKIPPED = {
     "restore_vs_recompute_speedup_2k": "skipped (--no-serve): starts a vLLM engine",
     "prefix_reuse_fraction": "skipped (--no-serve): serves the app on a local cluster",
+    "serving_throughput_store_on_vs_off": "skipped (--no-serve): serves the app on a local cluster",
 }
 MiB = 1 << 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
-    p.add_argument("--blocks", type=int, default=256, help="blocks per measurement (each ~369 KB)")
+    p.add_argument("--blocks", type=int, default=64, help="chunks per measurement (each ~1.5 MB)")
     p.add_argument("--repeats", type=int, default=5, help="repetitions; the best is kept")
     p.add_argument(
         "--nixl-sizes", default="4,16,64", help="NIXL READ batch sizes in MiB (comma-separated; '' = skip)"
@@ -53,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-serve", action="store_true", help="skip the engine and served-session measurements")
     p.add_argument("--trials", type=int, default=5, help="restore-vs-recompute trials (2k-token prefixes)")
     p.add_argument("--sessions", type=int, default=6, help="served sessions per prefix-reuse mode")
+    p.add_argument(
+        "--throughput-repeats", type=int, default=2, help="store off/on serving runs each (0 = skip)"
+    )
 
 
 def _best(fn, repeats: int) -> float:
@@ -65,11 +75,9 @@ def _best(fn, repeats: int) -> float:
 
 
 def _nixl_missing() -> str | None:
-    try:
-        import nixl_cu12._api  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"NIXL not importable ({e})"
-    return None
+    from kvstore.transport import nixl_missing
+
+    return nixl_missing()
 
 
 def _spans_for(pins: list[tuple[str, int, int]], size: int) -> list[tuple[int, int, int]]:
@@ -157,7 +165,8 @@ def measure_nixl(sizes_mib: list[int], encoded: list[bytes], slot: int, repeats:
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    client = NixlClient("bench-kv", staging_bytes=nblocks * per_block, max_staging_bytes=nblocks * per_block)
+    size = 2 * nblocks * per_block  # reads and writes each have half of the staging buffer
+    client = NixlClient("bench-kv", staging_bytes=size, max_staging_bytes=size)
     try:
         shard = ray.remote(Shard).options(num_cpus=0).remote(ShardConfig(ram_slots=nblocks, slot_bytes=slot))
         metas = [BlockMeta(f"nixl-{i}", "nixl", 0) for i in range(nblocks)]
@@ -191,17 +200,18 @@ def measure(blocks: int, repeats: int) -> dict:
             dst[o : o + n] = r.view(np.uint8).reshape(-1)
             o += n
 
-    encoded = [encode(h, r) for h, r in zip(headers, raw, strict=True)]
+    hasher = Hasher(2)
+    encoded = [encode(h, r, hasher) for h, r in zip(headers, raw, strict=True)]
 
     def codec() -> None:
         for h, r in zip(headers, raw, strict=True):
-            decode(encode(h, r), expect_model=MODEL, expect_layout=LAYOUT)
+            decode(encode(h, r, hasher), expect_model=MODEL, expect_layout=LAYOUT, hasher=hasher)
 
     slot = slot_bytes_for(len(raw[0]))
     pool = RamPool(blocks, slot)
     for i, e in enumerate(encoded):
         pool.write(i, e)
-    waste = waste_fraction([len(e) + 4 for e in encoded], slot)
+    waste = waste_fraction([len(r) for r in raw], slot)
     shard = Shard(ShardConfig(ram_slots=blocks, slot_bytes=slot))
     metas = [BlockMeta(f"h{i}", "s", i // 8) for i in range(blocks)]
 
@@ -214,6 +224,7 @@ def measure(blocks: int, repeats: int) -> dict:
     gbps = lambda t: nbytes / t / 1e9  # noqa: E731
     return {
         "blocks": blocks,
+        "block_tokens": BLOCK_TOKENS * CHUNK_BLOCKS,
         "block_bytes": len(raw[0]),
         "slot_bytes": slot,
         "memcpy_gbps": round(gbps(t_mem), 3),
@@ -257,6 +268,11 @@ def _print_serve(res: dict) -> None:
     print(
         f"compression (zlib level 1) of real KV blocks: ratio {res['zlib1_ratio']}, {res['zlib1_gbps']} GB/s"
     )
+    if res.get("serving_throughput_store_on_vs_off") is not None:
+        print(
+            f"serving_throughput_store_on_vs_off {res['serving_throughput_store_on_vs_off']:.3f} "
+            f"(tokens/s {res['serving_tokens_per_s']})"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -267,7 +283,10 @@ def main(args: argparse.Namespace) -> int:
     res.update(nixl)
     if why is not None:
         res["not_measured"]["nixl_vs_memcpy"] = why
-    print(f"KV store: {res['blocks']} blocks of {res['block_bytes']} bytes (slots of {res['slot_bytes']})")
+    print(
+        f"KV store: {res['blocks']} chunks of {res['block_tokens']} tokens, {res['block_bytes']} bytes "
+        f"(slots of {res['slot_bytes']})"
+    )
     print(f"{'measure':28} {'GB/s':>8} {'vs memcpy':>10}")
     print(f"{'memcpy':28} {res['memcpy_gbps']:8.3f} {1.0:10.3f}")
     print(f"{'codec encode+decode':28} {res['codec_gbps']:8.3f} {res['codec_vs_memcpy']:10.3f}")
@@ -278,10 +297,16 @@ def main(args: argparse.Namespace) -> int:
         res.update(dict.fromkeys(SKIPPED))
         res["not_measured"].update(SKIPPED)
     else:
-        from bench.kv_serve import measure_restore, measure_reuse
+        from bench.kv_serve import measure_restore, measure_reuse, measure_throughput
 
         res.update(measure_restore(args.trials))
         res.update(measure_reuse(sessions=args.sessions))
+        if args.throughput_repeats:
+            res.update(measure_throughput(sessions=args.sessions, repeats=args.throughput_repeats))
+        else:
+            why = "skipped (--throughput-repeats 0)"
+            res["serving_throughput_store_on_vs_off"] = None
+            res["not_measured"]["serving_throughput_store_on_vs_off"] = why
         _print_serve(res)
     for key, why in res["not_measured"].items():
         print(f"{key}: not measured ({why})")

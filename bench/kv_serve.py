@@ -11,6 +11,10 @@
   round (that round's prompt + output). Measured with session affinity (the default), with every
   round forced onto the other worker, and forced with vLLM's local prefix cache off (all reuse
   comes from the store).
+- `serving_throughput_store_on_vs_off`: the same multi-round workload (the default app: one worker,
+  session affinity) served with the store off and on, alternately, twice each: completion tokens
+  per second of wall time, store on over store off (the ratio of the two medians). Every round
+  saves its chunks with the store on: this is what the saves cost a serving engine.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from cluster.models import DEFAULT_MODEL, ensure_model
 
 BLOCK = 32
+CHUNK = 256  # the connector's default store unit
 PREFIX = 2048
 WORDS = [
     "river",
@@ -100,17 +105,20 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
     from services.vllm_engine import VllmEngine
 
     path = str(ensure_model(DEFAULT_MODEL))
-    slot = slot_bytes_for(block_payload_bytes(path, BLOCK))
+    slot = slot_bytes_for(block_payload_bytes(path, CHUNK))
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ponder", log_to_driver=False)
     engine = None
     try:
         (shard,) = start_shards(
-            ShardConfig(ram_slots=80 * (trials + 1), slot_bytes=slot),
+            ShardConfig(ram_slots=(PREFIX // CHUNK + 2) * (trials + 1), slot_bytes=slot),
             [ray.get_runtime_context().get_node_id()],
         ).values()
         ray.get(shard.stats.remote())  # the shard is up before the engine looks for it
         kv = KvConnectorConfig(
-            model=DEFAULT_MODEL, ray_address=ray.get_runtime_context().gcs_address, transport=transport
+            model=DEFAULT_MODEL,
+            ray_address=ray.get_runtime_context().gcs_address,
+            transport=transport,
+            chunk_tokens=CHUNK,
         )
         cfg = EngineConfig(
             model=DEFAULT_MODEL,
@@ -133,21 +141,30 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
             r = await engine.generate(f"b{time.perf_counter_ns()}", ids, spec)
             return time.perf_counter() - t0, r
 
+        async def cold() -> None:
+            """Empty vLLM's prefix cache; a request whose saves are still being copied holds its
+            blocks for a few engine steps more (the engine keeps stepping until they are freed)."""
+            for _ in range(2000):
+                if await llm.reset_prefix_cache() is not False:
+                    return
+                await asyncio.sleep(0.005)
+            raise RuntimeError("vLLM's prefix cache could not be reset: blocks still held")
+
         await timed(_prefix_ids(tok, rng)[:256], None)  # warm-up
         restore, recompute, save = [], [], []
         for i in range(trials):
             prefix = _prefix_ids(tok, rng)
             nxt = prefix + tok(_text(rng, 20), add_special_tokens=False)["input_ids"][:32]
             t_save, _ = await timed(prefix + [13], (f"trial{i}", 0, ""))
-            await llm.reset_prefix_cache()
+            await cold()
             t_load, r = await timed(nxt, (f"trial{i}", 1, ""))
             if r.kv_loaded_tokens != PREFIX:
                 raise RuntimeError(f"trial {i}: loaded {r.kv_loaded_tokens} of {PREFIX} prefix tokens")
-            await llm.reset_prefix_cache()
+            await cold()
             t_re, r2 = await timed(nxt, None)
             if r2.kv_loaded_tokens or r2.cached_tokens:
                 raise RuntimeError(f"trial {i}: the recompute reused {r2.cached_tokens} tokens")
-            await llm.reset_prefix_cache()
+            await cold()
             restore.append(t_load)
             recompute.append(t_re)
             save.append(t_save)
@@ -157,7 +174,7 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
             )
         med = statistics.median
         sample = ray.get(
-            shard.get.remote(block_hashes(model_key(DEFAULT_MODEL, "bfloat16", BLOCK), nxt, BLOCK))
+            shard.get.remote(block_hashes(model_key(DEFAULT_MODEL, "bfloat16", BLOCK, CHUNK), nxt, CHUNK))
         )
         return {
             **compression_of(sample),
@@ -168,6 +185,7 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
             "restore_trials": trials,
             "transport": transport,
             "block_tokens": BLOCK,
+            "chunk_tokens": CHUNK,
             "prefix_tokens": PREFIX,
         }
     finally:
@@ -292,4 +310,48 @@ def measure_reuse(sessions: int = 6, rounds: int = 4, concurrency: int = 3, prog
         "prefix_reuse_fraction_spill": out["spill"]["prefix_reuse_fraction"],
         "prefix_reuse_fraction_store_only": out["store_only"]["prefix_reuse_fraction"],
         "prefix_reuse": out,
+    }
+
+
+def _serve_cfg(store: bool, workers: int = 1):
+    from cluster.local import free_port
+    from services.config import DEFAULT_CONFIG, AppConfig
+
+    cfg = AppConfig.load(DEFAULT_CONFIG)
+    cfg.engine.model_path = str(ensure_model(cfg.engine.model))
+    cfg.engine.max_model_len = 4096
+    cfg.engine.kv_cache_memory_bytes = 256 << 20
+    cfg.worker.num_replicas = workers
+    cfg.ray.dashboard = False
+    cfg.ray.num_cpus = 4
+    cfg.http.port = free_port()
+    cfg.kvstore.enabled = store
+    cfg.depth_control.state_dir = None
+    return cfg
+
+
+def measure_throughput(
+    sessions: int = 6, rounds: int = 4, concurrency: int = 3, repeats: int = 2, progress=print
+) -> dict:
+    """Completion tokens/s of the same multi-round workload with the store off and on (alternating)."""
+    from cluster.local import running
+
+    doc = "Harbour record. " + _text(random.Random(3), 420)
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    for rep in range(repeats):
+        for mode in ("off", "on"):
+            cfg = _serve_cfg(mode == "on")
+            progress(f"throughput, store {mode} ({rep + 1}/{repeats}): {sessions} sessions x {rounds} rounds")
+            with running(cfg, progress=lambda m: None) as url:
+                _sessions(url, cfg.engine.model, doc, 1, 1, 1)  # warm-up: the engine's first steps
+                t0 = time.perf_counter()
+                done = _sessions(url, cfg.engine.model, doc, sessions, rounds, concurrency)
+                wall = time.perf_counter() - t0
+            tokens = sum(r["completion_tokens"] for s in done for r in s)
+            runs[mode].append(tokens / wall)
+            progress(f"  {tokens} tokens in {wall:.1f} s: {tokens / wall:.1f} tok/s")
+    med = statistics.median
+    return {
+        "serving_throughput_store_on_vs_off": round(med(runs["on"]) / med(runs["off"]), 3),
+        "serving_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in runs.items()},
     }

@@ -129,6 +129,12 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     return kv.main(args)
 
 
+def cmd_bench_kv_path(args: argparse.Namespace) -> int:
+    from bench import kv_path
+
+    return kv_path.main(args)
+
+
 def cmd_bench_observe(args: argparse.Namespace) -> int:
     from bench import observe
 
@@ -205,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_kv_arguments(k)
     k.set_defaults(func=cmd_bench_kv)
+    kp = bsub.add_parser(
+        "kv-path", help="the connector's worker-side KV data path vs bulk copy (CPU or CUDA)"
+    )
+    from bench.kv_path import add_arguments as add_kv_path_arguments
+
+    add_kv_path_arguments(kp)
+    kp.set_defaults(func=cmd_bench_kv_path)
     ob = bsub.add_parser("observe", help="mixed workload on a local cluster, metrics scraped and drawn")
     from bench.observe import add_arguments as add_observe_arguments
 

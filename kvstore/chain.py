@@ -1,7 +1,9 @@
-"""Content addresses of KV blocks: a hash chain over a prompt's token ids, one link per block.
+"""Content addresses of KV chunks: a hash chain over a prompt's token ids, one link per chunk.
 
-A block's KV depends on every token before it, so its address hashes the previous block's address
-with its own tokens (as vLLM's prefix cache does). The chain starts from the model key, so blocks of
+A chunk (the store's unit: `chunk_tokens` consecutive tokens, a whole number of vLLM blocks) holds KV
+that depends on every token before it, so its address hashes the previous chunk's address with its
+own tokens (as vLLM's prefix cache does per block). `BlockChain` is the same chain for any unit size:
+pass the chunk size as its `block_size`. The chain starts from the model key, so blocks of
 different models, dtypes or block sizes never share an address. vLLM's own block hashes cannot be
 used across engines: their seed is random per process unless PYTHONHASHSEED is fixed.
 """
@@ -15,9 +17,11 @@ from collections.abc import Sequence
 DIGEST_BYTES = 16  # 128 bits: collisions are out of reach for any store size
 
 
-def model_key(model: str, dtype: object, block_size: int) -> str:
-    """What a block's KV depends on besides its tokens: the model, its KV dtype, the block size."""
-    return f"{model}|{str(dtype).removeprefix('torch.')}|bs{block_size}"
+def model_key(model: str, dtype: object, block_size: int, chunk_tokens: int | None = None) -> str:
+    """What a store chunk's bytes depend on besides its tokens: the model, its KV dtype, vLLM's block
+    size and the chunk size (the store's unit, a whole number of blocks; default one block)."""
+    chunk = chunk_tokens or block_size
+    return f"{model}|{str(dtype).removeprefix('torch.')}|bs{block_size}|c{chunk}"
 
 
 def chain_root(model_key: str) -> bytes:

@@ -1,35 +1,32 @@
-"""Ponder's vLLM KV connector: a thin shell over kvstore/planner.py (scheduler) and the store.
+"""Ponder's vLLM KV connector: a thin shell over kvstore/planner.py (scheduler) and
+kvstore/datapath.py (worker).
 
 Load it by module path (services/vllm_engine.py does):
     KVTransferConfig(kv_connector="PonderKVConnector", kv_connector_module_path="kvstore.connector",
                      kv_role="kv_both", kv_load_failure_policy="recompute",
                      kv_connector_extra_config=KvConnectorConfig(...).to_extra_config())
 
-Scheduler side: `get_num_new_matched_tokens` asks the store how much of the prompt it holds (one
-lookup per request, on the session's shard) and the cost model whether loading beats recomputing;
-`build_connector_meta` hands the worker this step's loads and saves.
+Scheduler side: `get_num_new_matched_tokens` asks the store how many whole chunks of the prompt it
+holds (one lookup per request, on the session's shard) and the cost model whether loading beats
+recomputing; `build_connector_meta` hands the worker this step's loads, saves and preemptions;
+`request_finished` holds a request's blocks while its saves are being copied.
 
-Worker side: `start_load_kv` fetches the blocks, checks each with the codec (model, layout, dtype,
-checksums, and that the block is the one asked for) and copies it into vLLM's paged cache before the
-forward pass. A block that is missing or rejected is reported through
-`get_block_ids_with_load_errors`; vLLM then recomputes from that block on ("recompute" policy), so a
-bad store costs time, never a wrong answer. `wait_for_save` (after the forward pass, once per step)
-gathers the blocks completed in the step, encodes them and puts them synchronously, so a session's
-next round, wherever it runs, finds them.
+Worker side (`KvDataPath`): `start_load_kv` starts fetching and checking the step's chunks,
+`wait_for_layer_load` writes each layer just before its attention runs, and blocks that could not
+be loaded are reported through `get_block_ids_with_load_errors` (vLLM recomputes from there).
+`wait_for_save` only enqueues the step's saves; `get_finished` reports requests whose copies are
+done, `handle_preemptions` waits for the copies of preempted requests.
 
-One store block = one vLLM cache block of every layer, stacked: [layers, *per-layer block shape]
-(on CPU [layers, kv_heads, block_size, 2*head_dim]). Models with more than one KV cache group
-(hybrid attention) are refused at start.
+One store chunk = `chunk_tokens` / block_size consecutive cache blocks of every layer, layer-major
+(kvstore/layout.py). Models with more than one KV cache group (hybrid attention) are refused.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -38,14 +35,16 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvstore.chain import model_key
-from kvstore.codec import BlockHeader, CodecError, decode, encode
+from kvstore.codec import block_bytes
 from kvstore.connector_config import REPORT_KEY, KvConnectorConfig
 from kvstore.connector_metrics import connector_metrics
 from kvstore.cost import CostModel
+from kvstore.datapath import KvDataPath
+from kvstore.digest import Hasher
 from kvstore.engine_store import shared_store
+from kvstore.layout import CacheLayout
 from kvstore.planner import KvTags, Planner, StepPlan
 from kvstore.pool import slot_bytes_for
-from kvstore.shard import BlockMeta
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -74,7 +73,14 @@ class PonderKVConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.cfg = KvConnectorConfig.model_validate(self._kv_transfer_config.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
-        self.model_key = model_key(self.cfg.model, vllm_config.model_config.dtype, self.block_size)
+        if self.cfg.chunk_tokens % self.block_size:
+            raise ValueError(
+                f"kvstore chunk_tokens ({self.cfg.chunk_tokens}) must be a multiple of the engine's "
+                f"block_size ({self.block_size})"
+            )
+        self.chunk_blocks = self.cfg.chunk_tokens // self.block_size
+        dtype = vllm_config.model_config.dtype
+        self.model_key = model_key(self.cfg.model, dtype, self.block_size, self.cfg.chunk_tokens)
         groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
         if len(groups) != 1:
             raise ValueError(f"PonderKVConnector needs one KV cache group, this model has {len(groups)}")
@@ -88,15 +94,32 @@ class PonderKVConnector(KVConnectorBase_V1):
                 margin=self.cfg.load_margin,
             ),
         )
-        self.store = shared_store(self.cfg, slot_bytes_for(self.bytes_per_block))
+        chunk_bytes = self.bytes_per_block * self.chunk_blocks
+        pin = torch.cuda.is_available()  # DMAs run straight from page-locked host memory
+        self.store = shared_store(self.cfg, slot_bytes_for(chunk_bytes), pin=pin)
         self.metrics = connector_metrics(self.cost)
-        self.stats = {"loaded_blocks": 0, "load_failed_blocks": 0, "saved_blocks": 0, "rejected": {}}
+        self.stats: dict[str, Any] = {"loaded_blocks": 0, "load_failed_blocks": 0, "saved_blocks": 0}
+        self.stats["rejected"] = {}
         if role == KVConnectorRole.SCHEDULER:
             lookup = self.store.lookup if self.cfg.load else (lambda session, hashes: 0)
-            self.planner = Planner(self.model_key, self.block_size, self.bytes_per_block, lookup, self.cost)
-        self.layers: list[torch.Tensor] = []
+            self.planner = Planner(
+                self.model_key,
+                self.block_size,
+                self.bytes_per_block,
+                lookup,
+                self.cost,
+                chunk_blocks=self.chunk_blocks,
+                save=self.cfg.save,
+            )
+        self.path: KvDataPath | None = None
         self._load_errors: set[int] = set()
-        self._t_forward = self._t_loading = 0.0
+        self._t_forward = self._loading_s = 0.0
+        self._layer_index: dict[str, int] = {}
+        log.info(
+            "kv connector: chunks of %d tokens (%d bytes each)",
+            self.cfg.chunk_tokens,
+            block_bytes(chunk_bytes),
+        )
 
     # --- scheduler side ----------------------------------------------------------------------
 
@@ -133,124 +156,100 @@ class PonderKVConnector(KVConnectorBase_V1):
             )
             for i, rid in enumerate(c.req_ids)
         ]
-        plan = self.planner.step(new, cached)
-        if not self.cfg.save:
-            plan.saves = []
-        return PonderConnectorMetadata(plan)
+        preempted = sorted(so.preempted_req_ids or ())
+        return PonderConnectorMetadata(self.planner.step(new, cached, preempted))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         if connector_output.invalid_block_ids:
             self.planner.load_failed(set(connector_output.invalid_block_ids))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        report = self.planner.finished(request.request_id)
-        return False, ({REPORT_KEY: report} if report is not None else None)
+        hold, report = self.planner.finished(request.request_id)
+        return hold, ({REPORT_KEY: report} if report is not None else None)
 
     # --- worker side -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.layers = list(kv_caches.values())
-        first = self.layers[0]
-        # CPU and most GPU backends put the block index first; FlashAttention's [2, blocks, ...] second.
-        self.block_dim = 0 if first.shape[0] == self.num_blocks else 1
-        block_shape = first.select(self.block_dim, 0).shape
-        self.shape = (len(self.layers), *block_shape)
-        self.dtype = str(first.dtype).removeprefix("torch.")
-        self.layout = f"stack{self.block_dim}:{list(self.shape)}"
-        if any(t.shape != first.shape or t.dtype != first.dtype for t in self.layers):
-            raise ValueError("PonderKVConnector needs every layer's KV cache to have one shape and dtype")
+        layers = list(kv_caches.values())
+        layout = CacheLayout.detect(layers, self.num_blocks, self.chunk_blocks)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        self.path = KvDataPath(
+            self.store,
+            layout,
+            layers,
+            self.model_key,
+            hasher=Hasher(self.cfg.hash_threads),
+            on_load=self._loaded,
+            on_save=self._saved,
+            max_pending_saves=self.cfg.max_pending_saves,
+        )
 
-    def _gather(self, block_id: int) -> memoryview:
-        t = torch.stack([x.select(self.block_dim, block_id) for x in self.layers]).cpu()
-        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    def _loaded(self, blocks: int, failed: int, nbytes: int, seconds: float, reasons: list[str]) -> None:
+        for reason in reasons:
+            self.stats["rejected"][reason] = self.stats["rejected"].get(reason, 0) + 1
+            self.metrics.rejected.inc(1, tags={"reason": reason})
+        self.stats["loaded_blocks"] += blocks
+        self.stats["load_failed_blocks"] += failed
+        self.metrics.moved("loaded", blocks, seconds)
+        self.metrics.moved("load_failed", failed)
+        if nbytes:
+            self.cost.observe_load(nbytes, seconds)
 
-    def _scatter(self, block_id: int, payload: memoryview) -> None:
-        with warnings.catch_warnings():  # read-only source buffer: we only read it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8))
-        src = src.view(self.layers[0].dtype).reshape(self.shape)
-        for i, x in enumerate(self.layers):
-            x.select(self.block_dim, block_id).copy_(src[i], non_blocking=False)
+    def _saved(self, blocks: int, seconds: float) -> None:
+        self.stats["saved_blocks"] += blocks
+        self.metrics.moved("saved", blocks, seconds)
+
+    def _plan(self) -> StepPlan | None:
+        return self._get_connector_metadata().plan if self.has_connector_metadata() else None
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        plan = getattr(kv_connector_metadata, "plan", None)
+        if self.path is not None and plan is not None and plan.preempted:
+            self.path.flush(plan.preempted)  # their blocks are reused from this step on
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
-        # The step starts now; loads run before the forward pass (sync) and are subtracted.
-        self._t_forward, self._t_loading = time.perf_counter(), 0.0
+        self._t_forward = time.perf_counter()  # the step starts now (prefill-rate measurement)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        if not self.has_connector_metadata():
-            return
-        t0 = time.perf_counter()
-        for load in self._get_connector_metadata().plan.loads:
-            self._load_one(load.session, load.hashes, load.block_ids)
-        self._t_loading += time.perf_counter() - t0
-
-    def _load_one(self, session: str, hashes: list[str], block_ids: list[int]) -> None:
-        t0 = time.perf_counter()
-        blobs = self.store.get(session, hashes)
-        nbytes, good = 0, 0
-        for h, bid, blob in zip(hashes, block_ids, blobs, strict=False):
-            try:
-                header, payload = decode(
-                    blob, expect_model=self.model_key, expect_layout=self.layout, expect_dtype=self.dtype
-                )
-                if header.block_hash != bytes.fromhex(h):
-                    raise CodecError("header", "block is not the one asked for")
-            except CodecError as e:
-                self.stats["rejected"][e.reason] = self.stats["rejected"].get(e.reason, 0) + 1
-                self.metrics.rejected.inc(1, tags={"reason": e.reason})
-                log.warning("kv block %s rejected (%s): recomputing from it", h[:12], e)
-                self.store.report_corrupt(session, [h])
-                break
-            self._scatter(bid, payload)
-            nbytes += len(blob)
-            good += 1
-        if good < len(hashes):
-            self._load_errors.update(block_ids[good:])
-            self.stats["load_failed_blocks"] += len(hashes) - good
-        self.stats["loaded_blocks"] += good
-        elapsed = time.perf_counter() - t0
-        self.metrics.moved("loaded", good, elapsed)
-        self.metrics.moved("load_failed", len(hashes) - good)
-        if good:
-            self.cost.observe_load(nbytes, elapsed)
+        plan = self._plan()
+        if plan is not None and self.path is not None:
+            self.path.start_loads(plan.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous: done before the forward pass starts
+        if self.path is not None:
+            self.path.wait_layer(self._layer_index[layer_name])
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kw: Any) -> None:
-        return  # saved whole, after the step (wait_for_save): one store call per step, not per layer
+        return  # saved whole, after the step (wait_for_save): one batch per step, not per layer
 
     def wait_for_save(self) -> None:
-        if not self.has_connector_metadata():
+        plan = self._plan()
+        if plan is None or self.path is None:
             return
-        plan = self._get_connector_metadata().plan
+        self._load_errors |= self._finish_loads()
         if plan.computed_tokens >= MIN_PREFILL_SAMPLE and self._t_forward:
-            forward_s = time.perf_counter() - self._t_forward - self._t_loading
+            forward_s = time.perf_counter() - self._t_forward - self._loading_s
             self.cost.observe_prefill(plan.computed_tokens, forward_s)
         self._t_forward = 0.0
-        t0 = time.perf_counter()
-        saved = 0
-        for save in plan.saves:
-            metas, blobs = [], []
-            for h, bid in zip(save.hashes, save.block_ids, strict=True):
-                header = BlockHeader(
-                    self.model_key,
-                    self.dtype,
-                    self.layout,
-                    self.shape,
-                    bytes.fromhex(h),
-                    save.tags.session,
-                    save.tags.round,
-                    save.tags.branch,
-                )
-                blobs.append(encode(header, self._gather(bid)))
-                metas.append(BlockMeta(h, save.tags.session, save.tags.round, save.tags.branch))
-            saved += self.store.put(save.tags.session, metas, blobs)
-        if plan.saves:
-            self.stats["saved_blocks"] += saved
-            self.metrics.moved("saved", saved, time.perf_counter() - t0)
+        self.path.submit_saves(plan.saves)
+
+    def _finish_loads(self) -> set[int]:
+        assert self.path is not None
+        self._loading_s = self.path.blocked_s()
+        return self.path.finish_loads()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.path is None:
+            return None, None
+        return (self.path.finished(finished_req_ids) or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        if self.path is not None:
+            self._load_errors |= self._finish_loads()  # loads the step's hooks did not close
         errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def shutdown(self) -> None:
+        if self.path is not None:
+            self.path.close()

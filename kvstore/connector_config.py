@@ -32,7 +32,23 @@ class KvConnectorConfig(BaseModel):
         description="How block bytes move between engines and shards: nixl = one-sided NIXL READ/WRITE "
         "(falls back to ray per shard when NIXL or the shard cannot), ray = bytes in Ray calls.",
     )
-    staging_bytes: int = Field(64 << 20, ge=1 << 20, description="The engine's NIXL staging buffer.")
+    staging_bytes: int = Field(
+        64 << 20, ge=1 << 20, description="The engine's NIXL staging buffer (grows to fit a step's chunks)."
+    )
+    chunk_tokens: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Tokens per store object: a whole number of vLLM blocks, loaded and saved together "
+        "(per-object costs are paid per chunk; LMCache also uses 256). A prefix's tail shorter than a "
+        "chunk is recomputed, not stored.",
+    )
+    hash_threads: int | None = Field(
+        None, ge=1, le=64, description="Threads that checksum chunks; default min(8, CPUs)."
+    )
+    max_pending_saves: int = Field(
+        8, ge=1, le=1024, description="Steps' saves queued behind the save thread before a step waits."
+    )
     local_ram_slots: int = Field(512, ge=1, description="Blocks held by the local store.")
     prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="Cost model's prefill rate until measured (tokens/s)."

@@ -19,6 +19,7 @@ it holds none), and one that holds no blocks is forgotten once idle past the ret
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
@@ -93,7 +94,9 @@ class KvCore:
     def __init__(self, slots: dict[Tier, int], slot_bytes: int, retention_window_s: float = 600.0) -> None:
         self.slot_bytes = slot_bytes
         self.window = retention_window_s
-        self.free: dict[Tier, list[int]] = {t: list(range(n - 1, -1, -1)) for t, n in slots.items()}
+        # Free slots as min-heaps: a batch of puts takes the lowest free slots, so a round's chunks
+        # usually sit in consecutive slots and a loader moves them with one strided copy per layer.
+        self.free: dict[Tier, list[int]] = {t: list(range(n)) for t, n in slots.items()}
         self.capacity = dict(slots)
         self.blocks: dict[str, Block] = {}
         self.sessions: dict[str, Session] = {}
@@ -177,7 +180,7 @@ class KvCore:
         demote, dropped = None, []
         if not self.free[Tier.RAM]:
             demote, dropped = self._make_room_in_ram(now)
-        slot = self.free[Tier.RAM].pop()
+        slot = heapq.heappop(self.free[Tier.RAM])
         self.blocks[block_hash] = Block(
             block_hash, session, round_, branch, nbytes, Tier.RAM, slot, last_used=now
         )
@@ -211,10 +214,10 @@ class KvCore:
                 return None, [victim.hash]
             dropped.append(disk_order[0])
             self._drop(self.blocks[disk_order[0]], "disk_full")
-        dst = self.free[Tier.DISK].pop()
+        dst = heapq.heappop(self.free[Tier.DISK])
         move = Move(victim.hash, (Tier.RAM, victim.slot), (Tier.DISK, dst))
         # The RAM slot is handed to the new block now; the shell copies the victim out first.
-        self.free[Tier.RAM].append(victim.slot)
+        heapq.heappush(self.free[Tier.RAM], victim.slot)
         victim.tier, victim.slot, victim.state = Tier.DISK, dst, State.MOVING
         return move, dropped
 
@@ -236,7 +239,7 @@ class KvCore:
             if len(moves) >= limit or not self.free.get(Tier.DISK):
                 break
             if self.retention(b, now) in (Retention.IDLE, Retention.OLD):
-                dst = self.free[Tier.DISK].pop()
+                dst = heapq.heappop(self.free[Tier.DISK])
                 moves.append(Move(h, (Tier.RAM, b.slot), (Tier.DISK, dst)))
                 b.target_slot, b.state = dst, State.MOVING
         return moves
@@ -247,11 +250,11 @@ class KvCore:
         if b is None or b.state is not State.MOVING or b.target_slot != move.dst[1]:
             return
         if ok:
-            self.free[Tier.RAM].append(b.slot)
+            heapq.heappush(self.free[Tier.RAM], b.slot)
             b.tier, b.slot = Tier.DISK, move.dst[1]
             self._event("demote", b.hash, "ram->disk")
         else:
-            self.free[Tier.DISK].append(move.dst[1])
+            heapq.heappush(self.free[Tier.DISK], move.dst[1])
         b.state, b.target_slot = State.READY, None
 
     # --- gets --------------------------------------------------------------------------------
@@ -299,9 +302,9 @@ class KvCore:
 
     def _drop(self, b: Block, reason: str) -> None:
         del self.blocks[b.hash]
-        self.free[b.tier].append(b.slot)
+        heapq.heappush(self.free[b.tier], b.slot)
         if b.target_slot is not None:
-            self.free[Tier.DISK].append(b.target_slot)
+            heapq.heappush(self.free[Tier.DISK], b.target_slot)
         s = self.sessions.get(b.session)
         if s is not None:
             s.blocks -= 1

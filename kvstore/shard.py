@@ -10,9 +10,11 @@ One-sided data path (kvstore/nixl_client.py): `transport_metadata` registers the
 - reads: `pin_for_read` pins the stored leading RAM-tier prefix and returns (hash, pool offset of the
   encoded block, length); the reader READs the spans, then `finish_read(ok)` unpins (ok=False drops
   them as corrupt). Disk-tier blocks stop the prefix: the reader fetches the rest with `get`.
-- writes: `reserve_for_write` places each block (demoting first if needed), writes the slot's 4-byte
-  length prefix itself and returns the offset of the payload, where the writer WRITEs exactly
-  `size` bytes; `commit_write(ok)` makes them visible (or frees the slots).
+- writes: `reserve_for_write` places each block (demoting first if needed), records the slot's
+  length itself and returns the offset of the slot, where the writer WRITEs exactly `size` bytes;
+  `commit_write(ok)` makes them visible (or frees the slots).
+The same methods serve an in-process reader or writer (kvstore/engine_store.py's LocalStore), which
+uses the offsets as views into `ram.buffer` instead of NIXL spans: no copy at all.
 Both are leases of `lease_s`: a pin or reservation that is never finished (its process died) is
 released by `sweep`, which runs at every pin_for_read/reserve_for_write (and may be called on its own).
 An expired reservation's slot is freed; an expired pin just unpins. A late WRITE into a freed slot
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 import uuid
 from collections import deque
@@ -32,15 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstore.core import KvCore, Placement, StoreFull, Tier
-from kvstore.pool import DiskPool, RamPool, SlotError
+from kvstore.pool import LEN_BYTES, DiskPool, RamPool, SlotError
 from kvstore.transport import BytesTransport, Transport, TransportError, make_transport
 
 log = logging.getLogger("ponder.kvstore")
-_LEN = struct.Struct("<I")  # a slot's length prefix (kvstore/pool.py)
 
 
 class ShardConfig(BaseModel):
@@ -68,7 +67,7 @@ class BlockMeta:
 
 
 class Shard:
-    def __init__(self, cfg: ShardConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: ShardConfig, clock: Callable[[], float] = time.time, pin: bool = False) -> None:
         slots = {Tier.RAM: cfg.ram_slots}
         self.disk: DiskPool | None = None
         if cfg.disk_slots:
@@ -76,8 +75,8 @@ class Shard:
                 raise ValueError("disk_slots > 0 needs disk_path")
             slots[Tier.DISK] = cfg.disk_slots
             self.disk = DiskPool(Path(cfg.disk_path), cfg.disk_slots, cfg.slot_bytes)
-        self.core = KvCore(slots, cfg.slot_bytes - 4, cfg.retention_window_s)
-        self.ram = RamPool(cfg.ram_slots, cfg.slot_bytes)
+        self.core = KvCore(slots, cfg.slot_bytes - LEN_BYTES, cfg.retention_window_s)
+        self.ram = RamPool(cfg.ram_slots, cfg.slot_bytes, pin=pin)
         self.clock = clock
         self.rejected = 0  # blocks refused for size: a cache may decline, never fail the caller
         self.cfg = cfg
@@ -248,7 +247,7 @@ class Shard:
                 self.core.complete_get([p[0] for p in pinned[i + 1 :]], True)
                 break
             self._pins.setdefault(h, deque()).append(now + self.cfg.lease_s)
-            out.append((h, self.ram.offset(slot) + _LEN.size, size))
+            out.append((h, self.ram.offset(slot), size))
         return out
 
     def finish_read(self, hashes: list[str], ok: bool = True) -> None:
@@ -268,8 +267,8 @@ class Shard:
     def reserve_for_write(self, metas: list[BlockMeta], sizes: list[int]) -> list[tuple[str, int] | None]:
         """Phase 1 of a one-sided put: per block (hash, pool offset where the writer puts its bytes).
 
-        The shard has already written the slot's length prefix (`size`); the writer WRITEs exactly
-        `size` bytes at the offset, then calls commit_write. None: already stored, too big, or no
+        The shard has already recorded the slot's length (`size`); the writer WRITEs exactly `size`
+        bytes at the offset, then calls commit_write. None: already stored, too big, or no
         slot can be freed (every block pinned or pending) — nothing to send for it.
         """
         now = self.clock()
@@ -293,10 +292,9 @@ class Shard:
         if p is None:
             return None  # already stored (or being written by someone else)
         self._demote_first(p)
-        off = self.ram.offset(p.slot)
-        self.ram.buffer[off : off + _LEN.size] = np.frombuffer(_LEN.pack(size), dtype=np.uint8)
+        self.ram.set_length(p.slot, size)
         self._writes[meta.hash] = now + self.cfg.lease_s
-        return meta.hash, off + _LEN.size
+        return meta.hash, self.ram.offset(p.slot)
 
     def commit_write(self, hashes: list[str], ok: list[bool] | bool = True) -> int:
         """Phase 2: commit (ok) or free (not ok) reserved blocks; returns how many were committed.

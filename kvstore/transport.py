@@ -175,6 +175,23 @@ class BytesTransport(Transport):
         raise TransportError("BytesTransport is not one-sided: gather here, ship, scatter on the peer")
 
 
+NIXL_PACKAGES = ("nixl_cu13", "nixl_cu12")  # GPU images pin the CUDA 13 build; CPU machines CUDA 12
+
+
+def nixl_missing() -> str | None:
+    """Why NIXL cannot be imported here (None: it can), looked up as kvstore/nixl_transport.py does."""
+    import importlib
+
+    why = []
+    for pkg in NIXL_PACKAGES:
+        try:
+            importlib.import_module(f"{pkg}._api")
+            return None
+        except (ImportError, OSError) as e:  # OSError: the package is there, its libraries are not
+            why.append(f"{pkg}: {e}")
+    return "NIXL not importable (" + "; ".join(why) + ")"
+
+
 def make_transport(name: str, prefer: str = "nixl", progress_thread: bool = True) -> Transport:
     """NIXL (UCX) when asked for and importable, else BytesTransport; NIXL is imported only here.
     `progress_thread=False` for a process that only initiates transfers (see NixlTransport)."""

@@ -21,6 +21,7 @@ def connector_config(cfg: AppConfig) -> KvConnectorConfig | None:
         transport=kv.transport,
         prefill_tokens_per_s=kv.prefill_tokens_per_s,
         load_margin=kv.load_margin,
+        chunk_tokens=kv.chunk_tokens,
     )
 
 

@@ -102,6 +102,13 @@ class KvStoreConfig(_Strict):
         2000.0, gt=0, description="Cost model's prefill rate until the engine has measured its own."
     )
     load_margin: float = Field(1.2, ge=0, description="Load only when predicted this many times faster.")
+    chunk_tokens: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="Tokens per store object (a whole number of engine blocks): loaded, saved and "
+        "checksummed together. A prefix's tail shorter than a chunk is recomputed.",
+    )
 
 
 class RayConfig(_Strict):
@@ -150,6 +157,11 @@ class AppConfig(_Strict):
             raise ValueError(
                 "kvstore.enabled needs engine.block_size (the store's slots are sized from it; "
                 "32 is the smallest the CPU attention backend takes, 16 is common on GPUs)"
+            )
+        if self.kvstore.enabled and self.kvstore.chunk_tokens % self.engine.block_size:
+            raise ValueError(
+                f"kvstore.chunk_tokens ({self.kvstore.chunk_tokens}) must be a multiple of "
+                f"engine.block_size ({self.engine.block_size})"
             )
         return self
 

@@ -30,7 +30,8 @@ def start_store(cfg: AppConfig) -> object | None:
     from kvstore.sizing import block_payload_bytes
 
     assert cfg.engine.model_path and cfg.engine.block_size  # checked by AppConfig and build_app
-    slot = slot_bytes_for(block_payload_bytes(cfg.engine.model_path, cfg.engine.block_size, cfg.engine.dtype))
+    # The store's unit is a chunk of kvstore.chunk_tokens tokens (a whole number of engine blocks).
+    slot = slot_bytes_for(block_payload_bytes(cfg.engine.model_path, kv.chunk_tokens, cfg.engine.dtype))
     shard = ShardConfig(
         ram_slots=max(1, kv.ram_bytes // slot),
         disk_slots=kv.disk_bytes // slot,

@@ -11,12 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import torch
 from ray.cluster_utils import Cluster
 
 from cluster.local import OFFLINE_ENV, deploy
 from kvstore.chain import block_hashes, model_key
 from kvstore.client import SHARD_PREFIX, shard_name
 from kvstore.codec import BlockHeader, encode
+from kvstore.layout import CacheLayout
 from kvstore.shard import BlockMeta
 from services.reasoning.prompts import Message, round_messages
 from services.tokenizer import HfTokenizer
@@ -24,6 +26,7 @@ from services.tokenizer import HfTokenizer
 pytestmark = pytest.mark.e2e
 
 BLOCK = 32
+CHUNK = 64  # the store's unit: 2 blocks (configs/local-cpu.yaml)
 ROUNDS = {"tier": "medium", "max_rounds": 3, "min_rounds": 3}
 
 
@@ -35,6 +38,7 @@ def cfg(app_config):
     cfg.worker.num_replicas = 2
     cfg.kvstore.enabled = True
     cfg.kvstore.ram_bytes = 64 << 20
+    cfg.kvstore.chunk_tokens = CHUNK
     cfg.kvstore.affinity_max_queue = 0  # every round spills to the other worker: the store must serve it
     return cfg
 
@@ -103,36 +107,39 @@ def test_next_round_on_the_other_worker_loads_its_prefix_and_equals_recompute(ht
     assert len(rounds) == 3
     assert rounds[1]["worker"] != rounds[0]["worker"]  # spilled: the store must supply the prefix
     for r in rounds[1:]:
-        # The previous round's prompt and answer, in whole blocks, came from the store.
-        assert r["kv_loaded_tokens"] >= BLOCK, r
-        assert r["kv_loaded_tokens"] % BLOCK == 0
+        # The previous round's prompt and answer, in whole chunks, came from the store.
+        assert r["kv_loaded_tokens"] >= CHUNK, r
+        assert r["kv_loaded_tokens"] % CHUNK == 0
     assert got == reference  # greedy: loading the KV changed nothing
 
 
-Q2 = "List three prime numbers greater than 20 and say why each one is prime."
+Q2 = (
+    "List three prime numbers greater than 20 and say why each one is prime, checking every smaller "
+    "divisor in turn, and then say which of the three is the largest and by how much."
+)
 
 
-def test_a_corrupted_block_is_rejected_and_recomputed(http, cfg):
-    # Forge the blocks of round 0's prompt in every shard: right addresses, damaged payloads.
+def test_a_corrupted_chunk_is_rejected_and_recomputed(http, cfg):
+    # Forge the chunks of round 0's prompt in every shard: right addresses, damaged payloads.
     tok = HfTokenizer(cfg.engine.model_path)
     ids = tok.render(round_messages([Message("user", Q2)], []))
-    key = model_key(cfg.engine.model, "bfloat16", BLOCK)
-    hashes = block_hashes(key, ids, BLOCK)[: (len(ids) - 1) // BLOCK]
-    assert hashes, "the prompt must span at least one whole block"
-    shape = (30, 3, BLOCK, 128)  # SmolLM2: 30 layers x 3 KV heads x block x (K|V of 64)
-    layout = f"stack0:{list(shape)}"  # what the connector writes on CPU
+    key = model_key(cfg.engine.model, "bfloat16", BLOCK, CHUNK)
+    hashes = block_hashes(key, ids, CHUNK)[: (len(ids) - 1) // CHUNK]
+    assert hashes, "the prompt must span at least one whole chunk"
+    # SmolLM2 on CPU: 30 layers, each [blocks, 3 KV heads, block, K|V of 64]: what the connector writes
+    layout = CacheLayout(30, 0, (1, 3, BLOCK, 128), torch.bfloat16, CHUNK // BLOCK)
     rng = random.Random(5)
     blobs = []
     for h in hashes:
-        header = BlockHeader(key, "bfloat16", layout, shape, bytes.fromhex(h), "forger", 0)
-        blob = bytearray(encode(header, rng.randbytes(30 * 3 * BLOCK * 128 * 2)))
+        header = BlockHeader(key, "bfloat16", layout.name, layout.chunk_shape, bytes.fromhex(h), "forger", 0)
+        blob = bytearray(encode(header, rng.randbytes(layout.chunk_bytes)))
         blob[-1] ^= 0xFF  # one flipped bit-pattern: the payload no longer matches its checksum
         blobs.append(bytes(blob))
     for shard in shards().values():
         ray.get(shard.put.remote([BlockMeta(h, "forger", 0) for h in hashes], blobs))
     got, rounds = texts(http, cfg, Q2, kv=True)
-    assert rounds[0]["kv_loaded_tokens"] == 0  # every forged block rejected: round 0 recomputed
-    assert rounds[1]["kv_loaded_tokens"] >= BLOCK  # the recomputed blocks were saved and reused
+    assert rounds[0]["kv_loaded_tokens"] == 0  # every forged chunk rejected: round 0 recomputed
+    assert rounds[1]["kv_loaded_tokens"] >= CHUNK  # the recomputed chunks were saved and reused
     reference, _ = texts(http, cfg, Q2, kv=False)
     assert got == reference
 

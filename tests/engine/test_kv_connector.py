@@ -1,5 +1,8 @@
 """Ponder's vLLM KV connector on a real engine (SmolLM2 on CPU, in-process, a local store shard):
-stored KV really replaces the prefill, a damaged block is recomputed, outputs never change."""
+stored KV really replaces the prefill, a damaged chunk is recomputed, outputs never change.
+
+The store's unit is a chunk of CHUNK tokens (2 of the engine's 32-token blocks here, so these short
+prompts span several chunks; the served default is 256): loads and saves count whole chunks."""
 
 from __future__ import annotations
 
@@ -9,13 +12,25 @@ from collections.abc import Iterator
 import pytest
 
 from kvstore.chain import block_hashes, model_key
+from kvstore.codec import PAYLOAD_OFFSET
 from kvstore.connector_config import REPORT_KEY, KvConnectorConfig
 from services.reasoning.prompts import Message, round_messages
 
 pytestmark = pytest.mark.engine
 
 BLOCK = 32  # the smallest block the CPU attention backend takes
+CHUNK = 64  # tokens per store chunk: 2 blocks
 MODEL = "smollm2"
+KEY = model_key(MODEL, "bfloat16", BLOCK, CHUNK)
+
+
+def chunk_hashes(ids: list[int]) -> list[str]:
+    return block_hashes(KEY, ids, CHUNK)
+
+
+def whole(ids: list[int]) -> int:
+    """Prompt tokens the store can supply: whole chunks, never the last token."""
+    return (len(ids) - 1) // CHUNK * CHUNK
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +43,9 @@ def llm(model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
         from vllm import LLM
         from vllm.config import KVTransferConfig
 
-        cfg = KvConnectorConfig(model=MODEL, store="local", local_ram_slots=128, prefill_tokens_per_s=50.0)
+        cfg = KvConnectorConfig(
+            model=MODEL, store="local", local_ram_slots=128, prefill_tokens_per_s=50.0, chunk_tokens=CHUNK
+        )
         engine = LLM(
             model=str(model_dir),
             dtype="bfloat16",
@@ -62,6 +79,28 @@ def store():
     return s.shard
 
 
+def settle(llm=None) -> None:
+    """Wait until the engine's asynchronous saves are stored (they run after the step, off it), and
+    step the engine until vLLM has freed the blocks it held for them (an offline LLM stops stepping
+    when its requests' outputs are out; a served engine keeps stepping by itself)."""
+    from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
+
+    get_kv_transfer_group().path.drain()
+    if llm is not None:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        for _ in range(100):  # each is a real engine step; the copies are done, so one or two do
+            if not scheduler.has_requests():
+                break
+            llm.llm_engine.step()
+        assert not scheduler.has_requests(), "vLLM still holds blocks for saves that are done"
+
+
+def cold(llm) -> None:
+    """Empty the engine's local prefix cache: from here only the store can supply a prefix."""
+    settle(llm)
+    assert llm.reset_prefix_cache() is not False
+
+
 def prompt_ids(llm, text: str) -> list[int]:
     tok = llm.get_tokenizer()
     rendered = tok.apply_chat_template(
@@ -88,14 +127,14 @@ DOC = "The river port grew from a ferry crossing into a market town over two cen
 def test_loaded_kv_replaces_the_prefill_and_changes_nothing(llm):
     ids = prompt_ids(llm, DOC + "\nIn one sentence, what did the port grow from?")
     first, report, _ = run(llm, ids, "s-load")
-    assert report["loaded_tokens"] == 0 and report["saved_blocks"] >= (len(ids) - 1) // BLOCK
-    stored = store().lookup(block_hashes(model_key(MODEL, "bfloat16", BLOCK), ids, BLOCK))
-    assert stored >= (len(ids) - 1) // BLOCK  # every whole prompt block is in the store
-    llm.reset_prefix_cache()  # a cold engine: only the store can supply the prefix
+    assert report["loaded_tokens"] == 0 and report["saved_chunks"] >= whole(ids) // CHUNK
+    settle()
+    stored = store().lookup(chunk_hashes(ids))
+    assert stored >= whole(ids) // CHUNK  # every whole chunk of the prompt is in the store
+    cold(llm)  # a cold engine: only the store can supply the prefix
     again, report, cached = run(llm, ids, "s-load")
-    whole = (len(ids) - 1) // BLOCK * BLOCK
-    assert report["loaded_tokens"] == whole == cached
-    llm.reset_prefix_cache()
+    assert report["loaded_tokens"] == whole(ids) == cached
+    cold(llm)
     recomputed, report, cached = run(llm, ids, None)
     assert report is None and cached == 0  # untagged requests are vLLM's alone
     assert first == again == recomputed
@@ -104,28 +143,33 @@ def test_loaded_kv_replaces_the_prefill_and_changes_nothing(llm):
 def test_generated_tokens_are_saved_for_the_next_round(llm):
     ids = prompt_ids(llm, DOC + "\nList the stages of the port's growth.")
     out, report, _ = run(llm, ids, "s-decode", max_tokens=80)
-    # Blocks made full while decoding are saved too: the next round's prompt starts with them.
-    assert report["saved_blocks"] >= (len(ids) + len(out) - 1) // BLOCK
-    llm.reset_prefix_cache()
+    # Chunks made whole while decoding are saved too: the next round's prompt starts with them.
+    assert report["saved_chunks"] >= (len(ids) + len(out) - 1) // CHUNK
+    settle()
+    cold(llm)
     follow = ids + out + prompt_ids(llm, "Check that answer.")[1:]
     _, report, _ = run(llm, follow, "s-decode", max_tokens=4)
-    assert report["loaded_tokens"] >= (len(ids) + len(out) - 1) // BLOCK * BLOCK
+    assert report["loaded_tokens"] >= (len(ids) + len(out) - 1) // CHUNK * CHUNK
 
 
-def test_a_damaged_block_is_rejected_and_recomputed(llm):
+def test_a_damaged_chunk_is_rejected_and_recomputed(llm):
     ids = prompt_ids(llm, DOC + "\nWhat kind of town did it become?")
     first, _, _ = run(llm, ids, "s-corrupt")
+    settle()
     shard = store()
-    hashes = block_hashes(model_key(MODEL, "bfloat16", BLOCK), ids, BLOCK)
+    hashes = chunk_hashes(ids)
     victim = shard.core.blocks[hashes[3]]
-    shard.ram.buffer[shard.ram.offset(victim.slot) + 4 + 5000] ^= 0xFF  # one byte of block 3's payload
-    llm.reset_prefix_cache()
+    # one byte of chunk 3's payload, in its 5th layer piece
+    piece = (len(shard.ram.read(victim.slot)) - PAYLOAD_OFFSET) // 30  # SmolLM2 has 30 layers
+    shard.ram.buffer[shard.ram.offset(victim.slot) + PAYLOAD_OFFSET + 4 * piece + 5000] ^= 0xFF
+    cold(llm)
     again, report, _ = run(llm, ids, "s-corrupt")
-    assert report["loaded_tokens"] == 3 * BLOCK  # blocks 0-2 loaded, 3 rejected: recomputed from there
-    assert report["load_failed_tokens"] == (len(ids) - 1) // BLOCK * BLOCK - 3 * BLOCK
+    assert report["loaded_tokens"] == 3 * CHUNK  # chunks 0-2 loaded, 3 rejected: recomputed from there
+    assert report["load_failed_tokens"] == whole(ids) - 3 * CHUNK
     assert again == first
-    assert hashes[3] in shard.core.blocks  # the recomputed block was saved again, intact
-    llm.reset_prefix_cache()
+    settle()
+    assert hashes[3] in shard.core.blocks  # the recomputed chunk was saved again, intact
+    cold(llm)
     third, report, _ = run(llm, ids, "s-corrupt")
     assert third == first and report["load_failed_tokens"] == 0
 
@@ -135,10 +179,11 @@ def test_loads_that_do_not_pay_are_skipped(llm):
 
     ids = prompt_ids(llm, DOC + "\nWho used the ferry?")
     first, _, _ = run(llm, ids, "s-cost")
-    cost = _COSTS[model_key(MODEL, "bfloat16", BLOCK)]
+    settle()
+    cost = _COSTS[KEY]
     saved, cost.margin = cost.margin, 1e12  # a load would have to be a trillion times faster
     try:
-        llm.reset_prefix_cache()
+        cold(llm)
         again, report, cached = run(llm, ids, "s-cost")
     finally:
         cost.margin = saved
@@ -152,9 +197,24 @@ def _forged(blob: bytes, **changes) -> bytes:
 
     from kvstore.codec import decode, encode
 
-    key = model_key(MODEL, "bfloat16", BLOCK)
-    header, payload = decode(blob, expect_model=key, expect_layout=blob_layout(blob))
+    header, payload = decode(blob, expect_model=KEY, expect_layout=blob_layout(blob))
     return encode(dataclasses.replace(header, **changes), bytes(payload))
+
+
+def _version_1(blob: bytes) -> bytes:
+    """The same chunk written in format 1 (CRC-32s, no padding): must be refused, never misread."""
+    import zlib
+
+    import msgpack
+
+    hlen = int.from_bytes(blob[4:8], "big")
+    fields = msgpack.unpackb(blob[8 : 8 + hlen])
+    payload = blob[PAYLOAD_OFFSET:]
+    v1 = {k: v for k, v in fields.items() if k not in ("digests", "header_digest")}
+    v1 |= {"v": 1, "payload_crc": zlib.crc32(payload), "header_crc": 0}
+    v1["header_crc"] = zlib.crc32(msgpack.packb(v1, use_bin_type=True))
+    raw = msgpack.packb(v1, use_bin_type=True)
+    return blob[:4] + len(raw).to_bytes(4, "big") + raw + payload
 
 
 def blob_layout(blob: bytes) -> str:
@@ -172,11 +232,12 @@ def _declared_length(blob: bytes, n: int) -> bytes:
 # recomputed with the same greedy output. Nothing in a block is ever executed or unpickled: the
 # header is msgpack with extension types refused, the payload raw bytes (kvstore/codec.py).
 TAMPERING = {
-    "forged header (another model)": (lambda b: _forged(b, model="other-model|bfloat16|32"), "model"),
+    "forged header (another model)": (lambda b: _forged(b, model="other-model|bfloat16|bs32|c64"), "model"),
     "wrong layout": (lambda b: _forged(b, layout="stack0:[1, 2, 3]"), "layout"),
     "wrong dtype": (lambda b: _forged(b, dtype="float16"), "dtype"),
     "another block's address": (lambda b: _forged(b, block_hash=b"\x01" * 32), "header"),
     "truncated payload": (lambda b: b[: len(b) - 4096], "truncated"),
+    "an older format (version 1)": (lambda b: _version_1(b), "version"),
     "checksum mismatch": (lambda b: b[:-1] + bytes([b[-1] ^ 0x5A]), "checksum"),
     "oversized declared length": (lambda b: _declared_length(b, 1 << 30), "oversized"),
     "not a block at all": (lambda b: b"\x80\x04\x95" + b[3:], "magic"),  # a pickle's opening bytes
@@ -190,19 +251,20 @@ def test_tampered_blocks_are_rejected_counted_and_recomputed(llm, case):
     from kvstore.shard import BlockMeta
 
     tamper, reason = TAMPERING[case]
-    # ~4 blocks and a few tokens out: short, as each case runs the model twice
+    # ~2 chunks and a few tokens out: short, as each case runs the model twice
     ids = prompt_ids(llm, DOC[: len(DOC) // 2] + f"\nCase {case}: how long did the town take to grow?")
-    assert len(ids) > 3 * BLOCK
-    session = "s-tamper-" + reason
+    assert len(ids) > 2 * CHUNK
+    session = "s-tamper-" + reason.replace(" ", "-") + str(len(case))
     first, _, _ = run(llm, ids, session, max_tokens=8)
+    settle()
     shard = store()
-    hashes = block_hashes(model_key(MODEL, "bfloat16", BLOCK), ids, BLOCK)
-    (blob,) = shard.get([hashes[2]])
-    shard.report_corrupt([hashes[2]])  # drop the honest block, put the tampered one at its address
-    assert shard.put([BlockMeta(hashes[2], session, 0)], [tamper(blob)]) == 1
+    hashes = chunk_hashes(ids)
+    (blob,) = shard.get([hashes[1]])
+    shard.report_corrupt([hashes[1]])  # drop the honest chunk, put the tampered one at its address
+    assert shard.put([BlockMeta(hashes[1], session, 0)], [tamper(blob)]) == 1
     rejected = dict(get_kv_transfer_group().stats["rejected"])
-    llm.reset_prefix_cache()
+    cold(llm)
     again, report, _ = run(llm, ids, session, max_tokens=8)
-    assert report["loaded_tokens"] == 2 * BLOCK  # blocks 0-1 loaded; 2 rejected: recomputed from there
+    assert report["loaded_tokens"] == CHUNK  # chunk 0 loaded; 1 rejected: recomputed from there
     assert get_kv_transfer_group().stats["rejected"].get(reason, 0) == rejected.get(reason, 0) + 1
     assert again == first

@@ -18,7 +18,7 @@ import ray
 from kvstore.nixl_client import NixlClient
 from kvstore.pool import slot_bytes_for
 from kvstore.shard import BlockMeta, Shard, ShardConfig
-from kvstore.transport import TransportError
+from kvstore.transport import TransportError, nixl_missing
 
 pytestmark = pytest.mark.engine
 
@@ -27,11 +27,8 @@ SLOT = slot_bytes_for(BLOCK)
 
 
 def _nixl_missing() -> str | None:
-    try:
-        import nixl_cu12._api  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"nixl-cu12 not importable ({e}); it comes with requirements/cpu.txt"
-    return None
+    why = nixl_missing()  # found as the product finds it: nixl_cu13 (GPU images), then nixl_cu12
+    return None if why is None else f"{why}; nixl-cu12 comes with requirements/cpu.txt"
 
 
 needs_nixl = pytest.mark.skipif(_nixl_missing() is not None, reason=str(_nixl_missing()))

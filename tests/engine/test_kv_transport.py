@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvstore.transport import BytesTransport, TransportError, decode_metadata, encode_metadata, make_transport
+from kvstore.transport import (
+    BytesTransport,
+    TransportError,
+    decode_metadata,
+    encode_metadata,
+    make_transport,
+    nixl_missing,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -32,11 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nixl_missing() -> str | None:
-    try:
-        import nixl_cu12._api  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"nixl-cu12 not importable ({e}); it comes with requirements/cpu.txt"
-    return None
+    why = nixl_missing()  # found as the product finds it: nixl_cu13 (GPU images), then nixl_cu12
+    return None if why is None else f"{why}; nixl-cu12 comes with requirements/cpu.txt"
 
 
 needs_nixl = pytest.mark.skipif(_nixl_missing() is not None, reason=str(_nixl_missing()))

@@ -6,8 +6,20 @@ import zlib
 import msgpack
 import numpy as np
 import pytest
+import xxhash
 
-from kvstore.codec import MAGIC, REASONS, BlockHeader, CodecError, decode, encode
+from kvstore.codec import (
+    MAGIC,
+    PAYLOAD_OFFSET,
+    REASONS,
+    BlockHeader,
+    CodecError,
+    check_pieces,
+    decode,
+    encode,
+    open_block,
+)
+from kvstore.digest import Hasher
 
 MODEL, LAYOUT = "smollm2-135m-instruct", "[layers,2,kv_heads,block,head_dim]"
 SHAPE = (2, 2, 3, 16, 4)  # layers, K/V, kv heads, block tokens, head dim
@@ -51,16 +63,22 @@ def _header_fields(data: bytes) -> tuple[dict, int]:
     return msgpack.unpackb(data[8 : 8 + hlen], raw=False), hlen
 
 
+def _frame(raw: bytes, payload: bytes) -> bytes:
+    """A header and a payload framed as the codec frames them (padding to PAYLOAD_OFFSET)."""
+    head = MAGIC + len(raw).to_bytes(4, "big") + raw
+    return head + bytes(max(0, PAYLOAD_OFFSET - len(head))) + payload
+
+
 def _forge(data: bytes, fix_crc: bool = True, drop: str | None = None, **changes) -> bytes:
-    """Re-pack the header with changed fields, the length prefix kept honest (and the crc, if asked)."""
-    fields, hlen = _header_fields(data)
+    """Re-pack the header with changed fields, the length prefix kept honest (and the digest, if asked)."""
+    fields, _ = _header_fields(data)
     fields.update(changes)
     if drop:
         del fields[drop]
-    if fix_crc and "header_crc" in fields:
-        fields["header_crc"] = zlib.crc32(msgpack.packb({**fields, "header_crc": 0}, use_bin_type=True))
-    raw = msgpack.packb(fields, use_bin_type=True)
-    return MAGIC + len(raw).to_bytes(4, "big") + raw + data[8 + hlen :]
+    if fix_crc and "header_digest" in fields:
+        packed = msgpack.packb({**fields, "header_digest": 0}, use_bin_type=True)
+        fields["header_digest"] = xxhash.xxh3_64_intdigest(packed)
+    return _frame(msgpack.packb(fields, use_bin_type=True), data[PAYLOAD_OFFSET:])
 
 
 def _raw(data: bytes) -> bytes:
@@ -68,8 +86,25 @@ def _raw(data: bytes) -> bytes:
 
 
 def _raw_header(data: bytes, raw: bytes) -> bytes:
-    hlen = int.from_bytes(data[4:8], "big")
-    return MAGIC + len(raw).to_bytes(4, "big") + raw + data[8 + hlen :]
+    return _frame(raw, data[PAYLOAD_OFFSET:])
+
+
+def _version_1(data: bytes) -> bytes:
+    """The same block in format 1 (CRC-32s, payload right after the header): refused as a version."""
+    fields, _ = _header_fields(data)
+    payload = data[PAYLOAD_OFFSET:]
+    v1 = {k: v for k, v in fields.items() if k not in ("digests", "header_digest")}
+    v1 |= {"v": 1, "payload_crc": zlib.crc32(payload), "header_crc": 0}
+    v1["header_crc"] = zlib.crc32(msgpack.packb(v1, use_bin_type=True))
+    raw = msgpack.packb(v1, use_bin_type=True)
+    return MAGIC + len(raw).to_bytes(4, "big") + raw + payload
+
+
+def _pad(data: bytes) -> bytes:
+    """One non-zero byte in the padding between the header and the payload."""
+    bad = bytearray(data)
+    bad[PAYLOAD_OFFSET - 1] = 7
+    return bytes(bad)
 
 
 REJECTIONS = [
@@ -79,7 +114,11 @@ REJECTIONS = [
     (lambda d: d[:-1], "truncated"),
     (lambda d: d + b"junk", "truncated"),
     (lambda d: d[:4] + (10**6).to_bytes(4, "big") + d[8:], "oversized"),
-    (lambda d: _forge(d, v=2), "version"),
+    (lambda d: _forge(d, v=1), "version"),
+    (lambda d: _forge(d, v=3), "version"),
+    (_version_1, "version"),
+    (_pad, "header"),
+    (lambda d: d[: PAYLOAD_OFFSET - 1], "truncated"),
     (lambda d: _forge(d, fix_crc=False, model="other"), "checksum"),
     (lambda d: _forge(d, fix_crc=False, round=4), "checksum"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum"),
@@ -102,7 +141,9 @@ REJECTIONS = [
     (lambda d: _forge(d, shape=[1] * 17), "header"),  # over max_array_len: refused by the unpacker
     (lambda d: _forge(d, payload_len=1 << 40), "oversized"),
     (lambda d: _forge(d, payload_len=-5), "oversized"),
-    (lambda d: _forge(d, payload_crc=0), "checksum"),
+    (lambda d: _forge(d, digests=b"\x00" * 16), "checksum"),  # one digest per piece, all wrong
+    (lambda d: _forge(d, digests=b"\x00" * 8), "header"),  # a digest missing
+    (lambda d: _forge(d, header_digest=0, fix_crc=False), "checksum"),
 ]
 
 
@@ -211,3 +252,33 @@ def test_random_corruptions_are_rejected_or_harmless():
             assert got.shape == tuple(forged["shape"]) == h.shape and got.dtype == "float32"
             assert bytes(payload) == arr.tobytes()
     assert rejected > 2500  # the fuzz really corrupts: nearly everything must be refused
+
+
+def test_payload_starts_at_a_fixed_page_aligned_offset_with_one_digest_per_piece():
+    h, arr, data = block("float32", shape=(4, 2, 3, 16, 4))
+    assert len(data) == PAYLOAD_OFFSET + arr.nbytes and data[PAYLOAD_OFFSET:] == arr.tobytes()
+    opened = open_block(data, expect_model=MODEL, expect_layout=LAYOUT)
+    assert len(opened.digests) == 4 and [len(p) for p in opened.pieces()] == [arr.nbytes // 4] * 4
+    assert opened.digests == [xxhash.xxh3_64_intdigest(arr[i].tobytes()) for i in range(4)]
+
+
+def test_a_damaged_piece_is_found_by_itself_and_by_parallel_hashing():
+    h, arr, data = block("float32", shape=(4, 2, 3, 16, 4))
+    bad = bytearray(data)
+    bad[PAYLOAD_OFFSET + 2 * (arr.nbytes // 4) + 5] ^= 0x40  # a byte of piece 2
+    opened = open_block(bytes(bad), expect_model=MODEL, expect_layout=LAYOUT)  # the header is intact
+    check_pieces(opened, [0, 1, 3])  # the other pieces verify on their own
+    for hasher in (None, Hasher(2)):
+        with pytest.raises(CodecError, match="piece 2") as err:
+            check_pieces(opened, hasher=hasher)
+        assert err.value.reason == "checksum"
+
+
+def test_parallel_digests_equal_serial_ones_whatever_the_split():
+    rng = np.random.default_rng(3)
+    pieces = [memoryview(rng.integers(0, 256, n, dtype=np.uint8).tobytes()) for n in (1, 7, 4096, 1 << 20, 3)]
+    serial = [xxhash.xxh3_64_intdigest(p) for p in pieces]
+    for threads in (1, 2, 3, 8):
+        hasher = Hasher(threads)
+        assert hasher.digests(pieces) == serial and hasher.submit(pieces).result() == serial
+        hasher.close()

@@ -79,13 +79,17 @@ def test_step_plans_the_load_then_saves_completed_blocks_once():
     (save,) = plan.saves
     assert save.block_ids == [9] and save.hashes == [block_hashes(KEY, tokens, BS)[2]]
     assert p.step([], [("r", None, False, 12, 1)]).saves == []  # saved once
-    assert p.finished("r") == {
-        "loaded_tokens": 8,
-        "load_failed_tokens": 0,
-        "saved_blocks": 1,
-        "decision": "load",
-    }
-    assert p.finished("r") is None
+    assert p.finished("r") == (
+        True,  # it had a save: vLLM keeps its blocks until the worker has copied them
+        {
+            "loaded_tokens": 8,
+            "load_failed_tokens": 0,
+            "saved_blocks": 1,
+            "saved_chunks": 1,
+            "decision": "load",
+        },
+    )
+    assert p.finished("r") == (False, None)
 
 
 def test_scheduler_taking_fewer_external_tokens_shrinks_the_load():
@@ -111,7 +115,7 @@ def test_a_failed_load_counts_and_resaves_from_the_first_bad_block():
     plan = p.step([], [("r", None, False, 4, 9)])  # recompute runs
     (save,) = plan.saves
     assert save.block_ids == [6, 7]
-    report = p.finished("r")
+    _, report = p.finished("r")
     assert report["loaded_tokens"] == 4 and report["load_failed_tokens"] == 8
 
 
@@ -120,7 +124,8 @@ def test_cost_model_refuses_loads_that_do_not_pay():
     p = planner(stored=3, cost=cheap_recompute)
     assert p.match("r", TAGS, lambda: list(range(13)), 0) == 0
     assert p.counters["loads_skipped_by_cost"] == 1
-    assert p.finished("r")["decision"] == "recompute_cheaper"
+    hold, report = p.finished("r")
+    assert report["decision"] == "recompute_cheaper" and not hold  # no save: blocks freed at once
 
 
 def test_cost_model_learns_from_measurements():
@@ -155,3 +160,85 @@ def test_each_session_round_is_announced_once_and_decisions_are_named():
     assert p.decision("unknown") == "miss"
     p.match("r", TAGS, lambda: list(range(13)), 0)
     assert p.decision("r") == "miss"
+
+
+# --- chunks: the store's unit is chunk_blocks consecutive blocks ---------------------------------
+
+CB = 2  # blocks per chunk: chunks of 8 tokens
+
+
+def chunked(stored: int, calls: list | None = None, save: bool = True) -> Planner:
+    """A planner over 2-block chunks whose store holds the first `stored` chunks of any prompt."""
+
+    def lookup(session: str, hashes: list[str]) -> int:
+        if calls is not None:
+            calls.append(list(hashes))
+        return min(stored, len(hashes))
+
+    key = model_key("m", "bfloat16", BS, BS * CB)
+    return Planner(key, BS, 1000, lookup, CostModel(prefill_tokens_per_s=1.0), chunk_blocks=CB, save=save)
+
+
+def test_chunk_addresses_cover_chunk_tokens_and_depend_on_the_chunk_size():
+    toks = list(range(20))
+    assert len(block_hashes(model_key("m", "bfloat16", BS, 8), toks, 8)) == 2  # 16 of 20 tokens
+    assert model_key("m", "bfloat16", BS, 8) != model_key("m", "bfloat16", BS, 16)
+
+
+def test_a_prefix_ending_mid_chunk_loads_the_whole_chunks_before_it():
+    calls = []
+    p = chunked(stored=5, calls=calls)
+    prompt = list(range(21))  # 20 whole tokens = 2 chunks + half a chunk; the 21st is computed
+    assert p.match("r", TAGS, lambda: prompt, num_computed=0) == 16  # 2 chunks, not the half
+    assert len(calls[0]) == 2
+    p.allocated("r", 16)
+    (load,) = p.step([("r", [9, 8, 7, 6, 5, 4], 16, 5)], []).loads
+    assert load.hashes == block_hashes(p.model_key, prompt, 8) and load.skip == 0
+    assert load.block_ids == [9, 8, 7, 6]
+
+
+def test_a_local_hit_ending_mid_chunk_loads_that_chunk_but_writes_only_past_the_hit():
+    p = chunked(stored=3)
+    prompt = list(range(25))  # 3 whole chunks
+    assert p.match("r", TAGS, lambda: prompt, num_computed=12) == 12  # blocks 3-5 (0-2 are local)
+    p.allocated("r", 12)
+    (load,) = p.step([("r", [10, 11, 12, 13, 14, 15, 16], 24, 1)], []).loads
+    assert len(load.hashes) == 2 and load.skip == 1  # chunks 1 and 2; chunk 1's first block is local
+    assert load.block_ids == [13, 14, 15]
+
+
+def test_a_chunk_is_saved_once_all_its_blocks_are_full():
+    p = chunked(stored=0)
+    tokens = list(range(13))
+    p.match("r", TAGS, lambda: tokens, 0)
+    p.allocated("r", 0)
+    plan = p.step([("r", [3, 4, 5, 6], 0, 13)], [])  # 3 full blocks: one whole chunk
+    (save,) = plan.saves
+    assert save.block_ids == [3, 4] and save.hashes == block_hashes(p.model_key, tokens, 8)[:1]
+    tokens += [13, 14, 15]  # decoding fills block 3: chunk 1 is whole now
+    (save,) = p.step([], [("r", None, False, 13, 3)]).saves
+    assert save.block_ids == [5, 6]
+    hold, report = p.finished("r")
+    assert hold and report["saved_chunks"] == 2 and report["saved_blocks"] == 4
+
+
+def test_a_failed_chunk_falls_back_to_its_first_block_and_is_saved_again():
+    p = chunked(stored=3)
+    tokens = list(range(25))
+    p.match("r", TAGS, lambda: tokens, 0)
+    p.allocated("r", 24)
+    (load,) = p.step([("r", [1, 2, 3, 4, 5, 6, 7], 24, 1)], []).loads
+    assert load.block_ids == [1, 2, 3, 4, 5, 6]
+    p.load_failed({4, 5, 6})  # the worker reports every block from the bad chunk (1) on
+    plan = p.step([], [("r", None, False, 8, 17)])  # vLLM recomputes from block 2 on
+    assert [s.block_ids for s in plan.saves] == [[3, 4, 5, 6]]
+    _, report = p.finished("r")
+    assert report["loaded_tokens"] == 8 and report["load_failed_tokens"] == 16
+
+
+def test_without_saves_nothing_is_held_and_preemptions_reach_the_worker():
+    p = chunked(stored=0, save=False)
+    p.match("r", TAGS, lambda: list(range(17)), 0)
+    plan = p.step([("r", [1, 2, 3, 4, 5], 0, 17)], [], preempted=["q"])
+    assert plan.saves == [] and plan.preempted == ["q"]
+    assert p.finished("r")[0] is False
