@@ -43,6 +43,7 @@ SHAPE = (LAYERS, CHUNK_BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)  # layer-ma
 MODEL, LAYOUT = "smollm2-135m-instruct", f"layer-major/bd0:{list(SHAPE)}"
 SKIPPED = {
     "restore_vs_recompute_speedup_2k": "skipped (--no-serve): starts a vLLM engine",
+    "restore_vs_recompute_speedup_2k_ray": "skipped (--no-serve): starts a vLLM engine",
     "prefix_reuse_fraction": "skipped (--no-serve): serves the app on a local cluster",
     "serving_throughput_store_on_vs_off": "skipped (--no-serve): serves the app on a local cluster",
 }
@@ -61,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=5, help="restore-vs-recompute trials (2k-token prefixes)")
     p.add_argument("--sessions", type=int, default=6, help="served sessions per prefix-reuse mode")
     p.add_argument(
-        "--throughput-repeats", type=int, default=2, help="store off/on serving runs each (0 = skip)"
+        "--throughput-repeats", type=int, default=3, help="store off/on serving runs each (0 = skip)"
     )
+    p.add_argument("--throughput-sessions", type=int, default=9, help="sessions per throughput run")
 
 
 def _best(fn, repeats: int) -> float:
@@ -255,9 +257,15 @@ def _print_nixl(res: dict) -> None:
 
 def _print_serve(res: dict) -> None:
     print(
-        f"restore_vs_recompute_speedup_2k {res['restore_vs_recompute_speedup_2k']:.2f} "
+        f"restore_vs_recompute_speedup_2k {res['restore_vs_recompute_speedup_2k']:.2f} over NIXL "
         f"(TTFT {res['restore_ttft_ms_median']:.0f} ms loaded vs {res['recompute_ttft_ms_median']:.0f} ms "
         f"recomputed; save request {res['save_request_ms_median']:.0f} ms)"
+    )
+    ray = res["restore_over_ray"]
+    print(
+        f"restore_vs_recompute_speedup_2k_ray {res['restore_vs_recompute_speedup_2k_ray']:.2f} "
+        f"over Ray bytes (TTFT {ray['restore_ttft_ms_median']:.0f} ms vs "
+        f"{ray['recompute_ttft_ms_median']:.0f} ms)"
     )
     print(f"{'prefix reuse':14} {'fraction':>9} {'local':>7} {'store':>7} {'switches':>9}")
     for mode, r in res["prefix_reuse"].items():
@@ -300,9 +308,14 @@ def main(args: argparse.Namespace) -> int:
         from bench.kv_serve import measure_restore, measure_reuse, measure_throughput
 
         res.update(measure_restore(args.trials))
+        over_ray = measure_restore(args.trials, transport="ray")
+        res["restore_vs_recompute_speedup_2k_ray"] = over_ray["restore_vs_recompute_speedup_2k"]
+        res["restore_over_ray"] = {
+            k: v for k, v in over_ray.items() if not k.startswith(("zlib", "compr", "memcpy"))
+        }
         res.update(measure_reuse(sessions=args.sessions))
         if args.throughput_repeats:
-            res.update(measure_throughput(sessions=args.sessions, repeats=args.throughput_repeats))
+            res.update(measure_throughput(sessions=args.throughput_sessions, repeats=args.throughput_repeats))
         else:
             why = "skipped (--throughput-repeats 0)"
             res["serving_throughput_store_on_vs_off"] = None

@@ -19,9 +19,10 @@ Saves (`submit_saves` at wait_for_save): the step only enqueues. On CUDA it laun
   layer on the compute stream (stream order keeps the source blocks valid) and one D2H on a copy
   stream into page-locked memory; on CPU nothing runs in the step. A saver thread then copies (CPU:
   one gather per layer, written straight into the store's write leases), hashes, writes headers and
-  commits. A request's blocks are released to vLLM only when its copies are done: the scheduler
+  commits. A request's blocks are released to vLLM only when its chunks are stored: the scheduler
   holds a request that had saves (request_finished -> True) until `finished` reports it, and
-  `flush` waits for the copies of preempted requests before vLLM reuses their blocks.
+  `flush` waits for the saves of preempted requests before vLLM reuses their blocks. (Stored, not
+  just copied: whoever empties vLLM's cache after a request then finds its chunks in the store.)
 """
 
 from __future__ import annotations
@@ -443,7 +444,6 @@ class KvDataPath:
             payloads = self._fill_from_cache(job, targets, self._write_region(leases))
             flat = self.hasher.digests([p for ps in payloads for p in ps])
             digests = [flat[k * lay.num_layers : (k + 1) * lay.num_layers] for k in range(len(targets))]
-        self._copied(job)  # the source blocks are free from here on
         for k, (si, ci, _) in enumerate(targets):
             s = job.saves[si]
             header = codec.BlockHeader(
@@ -459,6 +459,9 @@ class KvDataPath:
             area = codec.header_area(header, lay.chunk_bytes, digests[k])
             leases[si].views[ci][: codec.PAYLOAD_OFFSET] = area
         saved = sum(lease.commit() for lease in leases)
+        # Only now may vLLM reuse the source blocks (get_finished): a request whose blocks are free
+        # is in the store, so whoever empties vLLM's cache next finds its chunks there.
+        self._copied(job)
         self.stats["saved_blocks"] += saved * lay.chunk_blocks
         self.stats["saved_chunks"] += saved
         if self._on_save is not None:

@@ -16,6 +16,11 @@ have to (kvstore/datapath.py):
   staging buffer, or a local buffer for Ray bytes — that the writer fills with the encoded chunk in
   place; `commit(ok)` ships what needs shipping and makes the chunks visible.
 A lease is always released or committed exactly once (a second call does nothing).
+
+Chunks this process is still writing (a save's lease opened, not yet committed) count as stored for
+its own lookups, and a read waits for them (`InFlight`): a round that follows its previous round on
+the same engine never misses that round's asynchronous save. Another engine sees them once they
+are committed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -39,16 +45,58 @@ _lock = threading.Lock()
 _stores: dict[str, object] = {}
 
 
+class InFlight:
+    """The chunks this process is writing: opened for a save, not yet committed."""
+
+    def __init__(self, wait_s: float = 5.0) -> None:
+        self._cv = threading.Condition()
+        self._hashes: Counter[str] = Counter()
+        self.wait_s = wait_s
+
+    def track(self, lease: WriteLease) -> WriteLease:
+        """Count the lease's chunks in flight until its commit has run (whatever its outcome)."""
+        hashes = [m.hash for m, v in zip(lease.metas, lease.views, strict=True) if v is not None]
+        with self._cv:
+            self._hashes.update(hashes)
+        commit = lease._commit
+
+        def done(ok: list[bool]) -> int:
+            try:
+                return commit(ok) if commit is not None else 0
+            finally:
+                with self._cv:
+                    self._hashes.subtract(hashes)
+                    self._hashes += Counter()  # drop the zeros
+                    self._cv.notify_all()
+
+        lease._commit = done
+        return lease
+
+    def extend(self, hashes: list[str], n: int) -> int:
+        """The stored prefix `n` of `hashes`, extended by the chunks this process is writing."""
+        with self._cv:
+            while n < len(hashes) and hashes[n] in self._hashes:
+                n += 1
+        return n
+
+    def wait(self, hashes: list[str]) -> None:
+        """Until none of `hashes` is being written here (bounded: a stuck save is a miss, no more)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not any(h in self._hashes for h in hashes), self.wait_s)
+
+
 class LocalStore:
     """One in-process shard behind the store interface; leases are views of its RAM pool (no copy)."""
 
     def __init__(self, slots: int, slot_bytes: int, pin: bool = False) -> None:
         self.shard = Shard(ShardConfig(ram_slots=slots, slot_bytes=slot_bytes, transport="bytes"), pin=pin)
         self._lock = threading.Lock()  # the save thread and the step share the shard
+        self.inflight = InFlight()
 
     def lookup(self, session: str, hashes: list[str]) -> int:
         with self._lock:
-            return self.shard.lookup(hashes)
+            n = self.shard.lookup(hashes)
+        return self.inflight.extend(hashes, n)
 
     def get(self, session: str, hashes: list[str]) -> list[bytes]:
         with self._lock:
@@ -60,6 +108,7 @@ class LocalStore:
 
     def read(self, session: str, hashes: list[str]) -> ReadLease:
         buf = self.shard.ram.buffer
+        self.inflight.wait(hashes)
         with self._lock:
             pins = self.shard.pin_for_read(hashes)
             rest = self.shard.get(hashes[len(pins) :]) if len(pins) < len(hashes) else []
@@ -87,7 +136,8 @@ class LocalStore:
             with self._lock:
                 return self.shard.commit_write(hashes, oks)
 
-        return WriteLease(metas, views, commit, (buf, [p[1] for p in places if p is not None]))
+        region = (buf, [p[1] for p in places if p is not None])
+        return self.inflight.track(WriteLease(metas, views, commit, region))
 
     def report_corrupt(self, session: str, hashes: list[str]) -> None:
         with self._lock:
@@ -110,6 +160,7 @@ class RayStore(StoreClient):
             log.info("engine process joined the Ray cluster in %.1f s", time.perf_counter() - t0)
         self.namespace, self.refresh_s, self.pin = cfg.namespace, refresh_s, pin
         super().__init__(self._discover(), timeout_s=cfg.timeout_s)
+        self.inflight = InFlight(cfg.timeout_s)
         self._seen = time.monotonic()
         self.nixl = None
         if cfg.transport == "nixl":
@@ -155,34 +206,46 @@ class RayStore(StoreClient):
         name = self.ring.owner(session)
         return self.nixl.put(self.shards[name], metas, blobs, name=name)
 
+    def lookup(self, session: str, hashes: list[str]) -> int:
+        return self.inflight.extend(hashes, super().lookup(session, hashes))
+
     def read(self, session: str, hashes: list[str]) -> ReadLease:
         if not hashes or not self.shards:
             return ReadLease(hashes, [], nothing)
-        if self.nixl is None:
-            blobs = super().get(session, hashes)
+        self.inflight.wait(hashes)
+        if self.nixl is None:  # one array over Ray, mapped from its object store without a copy
+            data, sizes = self._call(session, "get_packed", hashes, default=(np.empty(0, np.uint8), []))
+            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            blobs = [memoryview(data[o : o + n]) for o, n in zip(offsets, sizes, strict=True)]
 
             def release(bad: list[str]) -> None:
                 if bad:
                     self.report_corrupt(session, bad)
 
-            return ReadLease(hashes, blobs, release)
+            return ReadLease(hashes, blobs, release, (data, offsets))
         name = self.ring.owner(session)  # one-sided READ, Ray bytes for what cannot go that way
         return self.nixl.read(self.shards[name], hashes, name=name)
 
     def open_write(self, session: str, metas: list[BlockMeta], size: int) -> WriteLease:
         if self.nixl is not None and self.shards:
             name = self.ring.owner(session)
-            return self.nixl.open_write(self.shards[name], metas, size, name=name)
+            return self.inflight.track(self.nixl.open_write(self.shards[name], metas, size, name=name))
         buf = host_buffer(size * len(metas), self.pin)
         views = [memoryview(buf[i * size : (i + 1) * size]) for i in range(len(metas))]
 
         def commit(ok: list[bool]) -> int:
-            chosen = [(m, bytes(v)) for m, v, o in zip(metas, views, ok, strict=True) if o]
-            if not chosen:
+            chosen = [i for i, o in enumerate(ok) if o]
+            if not chosen or not self.shards:
                 return 0
-            return super(RayStore, self).put(session, [m for m, _ in chosen], [b for _, b in chosen])
+            if len(chosen) == len(metas):
+                data = buf
+            else:  # rare (a chunk the writer gave up): pack the rest
+                data = np.concatenate([buf[i * size : (i + 1) * size] for i in chosen])
+            args = ([metas[i] for i in chosen], data, [size] * len(chosen))
+            return self._call(session, "put_packed", *args, default=0)
 
-        return WriteLease(metas, list(views), commit, (buf, [i * size for i in range(len(metas))]))
+        region = (buf, [i * size for i in range(len(metas))])
+        return self.inflight.track(WriteLease(metas, list(views), commit, region))
 
 
 def shared_store(cfg: KvConnectorConfig, slot_bytes: int, pin: bool = False) -> object:

@@ -48,8 +48,8 @@ def host_buffer(nbytes: int, pin: bool = False) -> np.ndarray:
     if pin:
         import torch
 
-        if torch.cuda.is_available():
-            return torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        if torch.cuda.is_available():  # resident by nature; torch caches freed pinned blocks for reuse
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
     buf = np.empty(nbytes, dtype=np.uint8)
     # Touched now, so the memory is resident from the start and writes take no page faults later
     # (np.zeros alone maps lazy zero pages: RSS would creep up as slots are first written).

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstore.core import KvCore, Placement, StoreFull, Tier
@@ -40,6 +41,7 @@ from kvstore.pool import LEN_BYTES, DiskPool, RamPool, SlotError
 from kvstore.transport import BytesTransport, Transport, TransportError, make_transport
 
 log = logging.getLogger("ponder.kvstore")
+PACK_KEEP = 512 << 20  # get_packed keeps a buffer up to this size between calls
 
 
 class ShardConfig(BaseModel):
@@ -83,6 +85,7 @@ class Shard:
         self.transport: Transport | None = None  # created by transport_metadata on first use
         self._pins: dict[str, deque[float]] = {}  # hash -> deadlines of its pin_for_read pins
         self._writes: dict[str, float] = {}  # hash -> deadline of its reservation
+        self._pack: np.ndarray | None = None  # get_packed's buffer
 
     def put(self, metas: list[BlockMeta], blobs: list[bytes]) -> int:
         """Save blocks (a round's new ones, in order); returns how many were new."""
@@ -148,6 +151,54 @@ class Shard:
         if not ok:
             self.core.complete_get(done[len(out) :], False)  # unreadable: dropped, recomputed
         return out
+
+    def get_packed(self, hashes: list[str]) -> tuple[np.ndarray, list[int]]:
+        """The stored prefix of `hashes` in one array, chunk after chunk, and each chunk's size.
+
+        For callers over Ray: one numpy array travels out of band (Ray puts it in its object store
+        once and a reader on the node maps it without copying), where a list of bytes is copied
+        into and out of the serialized stream."""
+        pinned = self.core.prepare_get(hashes, self.clock())
+        sizes = [self.core.blocks[h].nbytes for h, _, _ in pinned]
+        out = self._packing(sum(sizes))
+        got, off = 0, 0
+        try:
+            for (_, tier, slot), n in zip(pinned, sizes, strict=True):
+                src = self.ram.read(slot) if tier is Tier.RAM else self.disk.read(slot)  # type: ignore[union-attr]
+                if len(src) != n:
+                    raise SlotError(f"slot {slot} holds {len(src)} bytes, the index says {n}")
+                out[off : off + n] = np.frombuffer(src, dtype=np.uint8)
+                off += n
+                got += 1
+        except (SlotError, OSError):
+            pass
+        done = [h for h, _, _ in pinned]
+        self.core.complete_get(done[:got], True)
+        self.core.complete_get(done[got:], False)  # unreadable: dropped, recomputed
+        return out[: sum(sizes[:got])], sizes[:got]
+
+    def _packing(self, n: int) -> np.ndarray:
+        """A reused, resident buffer for get_packed's result. Ray copies a return value into its
+        object store when the call ends, before the actor runs its next call, so reusing it is safe;
+        a fresh 45 MiB array cost page faults on every call (measured 13 ms vs 100-126 ms a call).
+        Results over PACK_KEEP are packed into a one-off array instead of a kept one."""
+        if n > PACK_KEEP:
+            return np.empty(n, np.uint8)
+        if self._pack is None or self._pack.size < n:
+            grown = max(n, 2 * (0 if self._pack is None else self._pack.size))
+            self._pack = np.empty(min(grown, PACK_KEEP), np.uint8)
+            self._pack.fill(0)
+        return self._pack[:n]
+
+    def put_packed(self, metas: list[BlockMeta], data: np.ndarray, sizes: list[int]) -> int:
+        """`put` of blocks laid one after another in `data` (see get_packed)."""
+        if len(sizes) != len(metas) or sum(sizes) != len(data) or any(n < 0 for n in sizes):
+            raise ValueError("put_packed: one size per block, summing to the data's length")
+        views, off = [], 0
+        for n in sizes:
+            views.append(memoryview(data[off : off + n]))
+            off += n
+        return self.put(metas, views)
 
     def report_corrupt(self, hashes: list[str]) -> None:
         """A loader rejected these blocks (checksum, model, layout): drop them."""

@@ -18,7 +18,12 @@ def test_bench_kv_json(tmp_path, capsys):
     assert res["codec_vs_memcpy"] > 0 and res["ram_put_get_vs_memcpy"] > 0
     assert 0 < res["store_waste_fraction"] < 0.04
     assert res["nixl_vs_memcpy"] > 0  # nixl-cu12 is pinned: NIXL runs here
-    for key in ("restore_vs_recompute_speedup_2k", "prefix_reuse_fraction"):
+    for key in (
+        "restore_vs_recompute_speedup_2k",
+        "restore_vs_recompute_speedup_2k_ray",
+        "prefix_reuse_fraction",
+        "serving_throughput_store_on_vs_off",
+    ):
         assert res[key] is None and "--no-serve" in res["not_measured"][key]
     assert "codec encode+decode" in capsys.readouterr().out
 

@@ -150,3 +150,23 @@ def test_put_into_a_store_whose_every_slot_is_pinned_declines_instead_of_failing
     assert len(shard.pin_for_read(["a", "b"])) == 2  # both pinned by a reader
     assert shard.put([BlockMeta("c", "s", 1)], [b"z" * 100]) == 0
     assert shard.rejected == 1 and shard.lookup(["a", "b"]) == 2
+
+
+def test_packed_get_and_put_carry_ram_and_disk_blocks_in_one_array(tmp_path):
+    import numpy as np
+    import pytest
+
+    rng = random.Random(4)
+    s = shard(tmp_path, ram=2, disk=2)
+    blobs = [rng.randbytes(rng.randint(100, 900)) for _ in range(3)]
+    metas = [BlockMeta(f"p{i}", "sess", i) for i in range(3)]
+    data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    assert s.put_packed(metas, data, [len(b) for b in blobs]) == 3  # one demoted to disk on the way
+    assert s.stats()["slots_used"] == {"ram": 2, "disk": 1}
+    packed, sizes = s.get_packed([m.hash for m in metas] + ["absent"])
+    assert sizes == [len(b) for b in blobs] and bytes(packed) == b"".join(blobs)
+    assert s.stats()["pinned"] == 0
+    again, _ = s.get_packed(["p1"])
+    assert bytes(again) == blobs[1]  # the buffer is reused: a new call's result, not the old one's
+    with pytest.raises(ValueError, match="one size per block"):
+        s.put_packed(metas, data, [1, 2])
