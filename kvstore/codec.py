@@ -40,6 +40,7 @@ VERSION = 2
 PAYLOAD_OFFSET = 4096  # bytes before the payload: magic, length, header, zero padding
 _LEN = struct.Struct(">I")
 MAX_HEADER = PAYLOAD_OFFSET - len(MAGIC) - _LEN.size
+_ZEROS = bytes(PAYLOAD_OFFSET)
 MAX_STR = 1024
 MAX_HASH = 64
 MAX_DIMS = 16
@@ -252,7 +253,7 @@ def open_block(
     if len(view) < PAYLOAD_OFFSET:
         raise CodecError("truncated", "header area cut short")
     _check_fields(f, expect_model, expect_layout, expect_dtype, max_payload)
-    if any(view[8 + hlen : PAYLOAD_OFFSET]):  # padding is zeros: any other byte is damage
+    if view[8 + hlen : PAYLOAD_OFFSET] != _ZEROS[: PAYLOAD_OFFSET - 8 - hlen]:  # padding is zeros
         raise CodecError("header", "non-zero bytes between the header and the payload")
     n = f["payload_len"]
     if len(view) != PAYLOAD_OFFSET + n:  # short or with trailing bytes: not the block that was written

@@ -214,8 +214,8 @@ class RayStore(StoreClient):
             return ReadLease(hashes, [], nothing)
         self.inflight.wait(hashes)
         if self.nixl is None:  # one array over Ray, mapped from its object store without a copy
-            data, sizes = self._call(session, "get_packed", hashes, default=(np.empty(0, np.uint8), []))
-            offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+            empty = (np.empty(0, np.uint8), [], [])
+            data, offsets, sizes = self._call(session, "get_packed", hashes, default=empty)
             blobs = [memoryview(data[o : o + n]) for o, n in zip(offsets, sizes, strict=True)]
 
             def release(bad: list[str]) -> None:

@@ -152,14 +152,25 @@ class Shard:
             self.core.complete_get(done[len(out) :], False)  # unreadable: dropped, recomputed
         return out
 
-    def get_packed(self, hashes: list[str]) -> tuple[np.ndarray, list[int]]:
-        """The stored prefix of `hashes` in one array, chunk after chunk, and each chunk's size.
+    def get_packed(self, hashes: list[str]) -> tuple[np.ndarray, list[int], list[int]]:
+        """The stored prefix of `hashes` in one array: (array, each block's offset in it, size).
 
-        For callers over Ray: one numpy array travels out of band (Ray puts it in its object store
-        once and a reader on the node maps it without copying), where a list of bytes is copied
-        into and out of the serialized stream."""
+        For callers over Ray: one numpy array travels out of band (Ray copies it into its object
+        store once and a reader on the node maps it without copying), where a list of bytes is
+        copied into and out of the serialized stream. Blocks in consecutive RAM slots (the usual
+        case: a round's chunks are put together into the lowest free slots) go as one view of the
+        pool, at the slot stride, without even a copy here; others are packed into a buffer first.
+        Ray copies a return value before the actor runs its next call, so neither a view of the
+        pool nor the reused buffer can change under it."""
         pinned = self.core.prepare_get(hashes, self.clock())
         sizes = [self.core.blocks[h].nbytes for h, _, _ in pinned]
+        done = [h for h, _, _ in pinned]
+        slots = [slot for _, tier, slot in pinned if tier is Tier.RAM]
+        if pinned and len(slots) == len(pinned) and slots == list(range(slots[0], slots[0] + len(slots))):
+            first, stride = self.ram.offset(slots[0]), self.cfg.slot_bytes
+            self.core.complete_get(done, True)
+            view = self.ram.buffer[first : first + stride * (len(slots) - 1) + sizes[-1]]
+            return view, [i * stride for i in range(len(slots))], sizes
         out = self._packing(sum(sizes))
         got, off = 0, 0
         try:
@@ -172,10 +183,10 @@ class Shard:
                 got += 1
         except (SlotError, OSError):
             pass
-        done = [h for h, _, _ in pinned]
         self.core.complete_get(done[:got], True)
         self.core.complete_get(done[got:], False)  # unreadable: dropped, recomputed
-        return out[: sum(sizes[:got])], sizes[:got]
+        offsets = [sum(sizes[:i]) for i in range(got)]
+        return out[: sum(sizes[:got])], offsets, sizes[:got]
 
     def _packing(self, n: int) -> np.ndarray:
         """A reused, resident buffer for get_packed's result. Ray copies a return value into its

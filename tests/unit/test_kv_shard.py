@@ -163,10 +163,15 @@ def test_packed_get_and_put_carry_ram_and_disk_blocks_in_one_array(tmp_path):
     data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
     assert s.put_packed(metas, data, [len(b) for b in blobs]) == 3  # one demoted to disk on the way
     assert s.stats()["slots_used"] == {"ram": 2, "disk": 1}
-    packed, sizes = s.get_packed([m.hash for m in metas] + ["absent"])
-    assert sizes == [len(b) for b in blobs] and bytes(packed) == b"".join(blobs)
+    packed, offsets, sizes = s.get_packed([m.hash for m in metas] + ["absent"])
+    assert sizes == [len(b) for b in blobs] and offsets == [0, sizes[0], sizes[0] + sizes[1]]
+    assert bytes(packed) == b"".join(blobs)  # a disk block among them: packed into one buffer
     assert s.stats()["pinned"] == 0
-    again, _ = s.get_packed(["p1"])
-    assert bytes(again) == blobs[1]  # the buffer is reused: a new call's result, not the old one's
+    fresh = shard(tmp_path / "fresh", ram=3, disk=0)
+    assert fresh.put_packed(metas, data, [len(b) for b in blobs]) == 3  # slots 0, 1, 2
+    again, offsets, sizes = fresh.get_packed([m.hash for m in metas])
+    assert [bytes(again[o : o + n]) for o, n in zip(offsets, sizes, strict=True)] == blobs
+    assert offsets == [0, fresh.cfg.slot_bytes, 2 * fresh.cfg.slot_bytes]  # the slot stride:
+    assert np.shares_memory(again, fresh.ram.buffer)  # a view of the pool, no copy
     with pytest.raises(ValueError, match="one size per block"):
         s.put_packed(metas, data, [1, 2])
