@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,6 +119,7 @@ def main(args: argparse.Namespace) -> int:
 
     cfg = AppConfig.load(DEFAULT_CONFIG)
     cfg.engine.model_path = str(ensure_model(cfg.engine.model))
+    cfg.depth_control.state_dir = tempfile.mkdtemp(prefix="ponder-observe-state-")  # not the user's
     cfg.ray.dashboard = False
     cfg.http.port = free_port()
     cfg.ray.metrics_export_port = free_port()

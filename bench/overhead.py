@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def bench_config(args: argparse.Namespace) -> AppConfig:
     cfg.engine.model_path = str(ensure_model(args.model))
     cfg.engine.max_model_len = 2048
     cfg.engine.kv_cache_memory_bytes = 128 << 20
+    cfg.depth_control.state_dir = tempfile.mkdtemp(prefix="ponder-overhead-state-")  # not the user's
     cfg.ray.dashboard = False
     cfg.http.port = free_port()
     return cfg
@@ -92,8 +94,16 @@ async def routed_request(
         "temperature": 0.0,
         "max_tokens": max_tokens,
         "ignore_eos": True,
-        # min_rounds 1 and a threshold never reached: depth control decides rounds 1..R-1
-        "reasoning": {"tier": "critical", "min_rounds": 1, "max_rounds": rounds, "confidence_threshold": 1.0},
+        # min_rounds 1, a threshold never reached and no other exit criterion (the high tier's table
+        # entry has none; its strategy is ToT, so ask for a chain): depth control decides rounds
+        # 1..R-1. Not `critical`: its answers are held for review (HTTP 202, no rounds to time).
+        "reasoning": {
+            "tier": "high",
+            "strategy": "cot",
+            "min_rounds": 1,
+            "max_rounds": rounds,
+            "confidence_threshold": 1.0,
+        },
     }
     start = time.perf_counter()
     resp = await client.post("/v1/chat/completions", json=body)

@@ -263,7 +263,8 @@ def main(args: argparse.Namespace) -> int:
     if args.url:
         import ray
 
-        ray.init(address=args.address, namespace="ponder", log_to_driver=False, logging_level="ERROR")
+        if not ray.is_initialized():  # a caller already on that cluster (the test suite) keeps its connection
+            ray.init(address=args.address, namespace="ponder", log_to_driver=False, logging_level="ERROR")
         res = run(cfg, args.url, args, args.metrics_port)
     else:
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))

@@ -50,3 +50,22 @@ def test_calibrate_rejects_unknown_or_warmup_less_domains(domain, message, capsy
     assert cli.main(["calibrate", "--domain", domain, "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
+
+
+def test_calibrate_runs_and_writes_the_domain_threshold(tmp_path, capsys):
+    """`ponder calibrate` end to end on the tiny model, into a copy of the configs (never the repo's)."""
+    import shutil
+
+    import yaml
+
+    from services.config import DEFAULT_CONFIG
+
+    configs = tmp_path / "configs"
+    shutil.copytree(Path(DEFAULT_CONFIG).parent, configs)
+    argv = ["calibrate", "--domain", "math", "--config", str(configs / Path(DEFAULT_CONFIG).name)]
+    argv += ["--model", TINY_MODEL, "--problems", "3", "--max-tokens", "8", "--kv-cache-mib", "128"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "chosen threshold" in out and "wrote domain 'math'" in out
+    math = yaml.safe_load((configs / "domains.yaml").read_text())["domains"]["math"]
+    assert math["calibration"]["model"] == TINY_MODEL and math["calibration"]["n_problems"] == 3
