@@ -115,25 +115,74 @@ class Engine(ABC):
         return await collect(self.generate_stream(request_id, prompt_token_ids, spec))
 
 
+@dataclass
+class Accumulator:
+    """A generation assembled from its deltas: the one place that does it (the non-streaming path,
+    a reasoning round, each of n samples, a Tree-of-Thought node)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TopLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    kv_loaded_tokens: int = 0
+    worker: str = ""
+    ttft_ms: float = 0.0
+    deltas: int = 0
+
+    def add(self, d: GenerateDelta, elapsed_ms: float = 0.0) -> None:
+        if not self.token_ids and d.token_ids:
+            self.ttft_ms = elapsed_ms
+        self.text.append(d.text)
+        self.token_ids.extend(d.token_ids)
+        self.logprobs.extend(d.logprobs)
+        self.finish_reason = d.finish_reason or self.finish_reason
+        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = d.cached_tokens or self.cached_tokens
+        self.kv_loaded_tokens = d.kv_loaded_tokens or self.kv_loaded_tokens
+        self.worker = d.worker or self.worker
+        self.deltas += 1
+
+    def result(self, latency_ms: float = 0.0) -> GenerateResult:
+        return GenerateResult(
+            text="".join(self.text),
+            token_ids=list(self.token_ids),
+            logprobs=list(self.logprobs),
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            ttft_ms=self.ttft_ms,
+            latency_ms=latency_ms,
+            kv_loaded_tokens=self.kv_loaded_tokens,
+            worker=self.worker,
+        )
+
+    @classmethod
+    def of(cls, r: GenerateResult) -> Accumulator:
+        """A finished generation as an accumulator (what the round bookkeeping reads)."""
+        acc = cls(ttft_ms=r.ttft_ms)
+        acc.add(
+            GenerateDelta(
+                r.text,
+                list(r.token_ids),
+                list(r.logprobs),
+                True,
+                r.finish_reason,
+                r.prompt_tokens,
+                r.cached_tokens,
+                r.kv_loaded_tokens,
+                r.worker,
+            ),
+            r.ttft_ms,
+        )
+        return acc
+
+
 async def collect(deltas: AsyncIterator[GenerateDelta]) -> GenerateResult:
-    text: list[str] = []
-    token_ids: list[int] = []
-    logprobs: list[TopLogprobs] = []
-    last: GenerateDelta | None = None
+    acc = Accumulator()
     async for delta in deltas:
-        text.append(delta.text)
-        token_ids.extend(delta.token_ids)
-        logprobs.extend(delta.logprobs)
-        last = delta
-    if last is None:
+        acc.add(delta)
+    if not acc.deltas:
         raise RuntimeError("engine produced no output")
-    return GenerateResult(
-        text="".join(text),
-        token_ids=token_ids,
-        logprobs=logprobs,
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        cached_tokens=last.cached_tokens,
-        kv_loaded_tokens=last.kv_loaded_tokens,
-        worker=last.worker,
-    )
+    return acc.result()

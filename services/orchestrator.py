@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.engine import GenerateDelta, GenerateResult, SamplingSpec, round_tags
+from services.engine import Accumulator, GenerateDelta, GenerateResult, SamplingSpec, round_tags
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message, round_messages
@@ -83,6 +83,11 @@ class Outcome:
     all_completion_tokens: int | None = None
 
     @property
+    def finish_reason(self) -> str:
+        """OpenAI's finish_reason of the answer: its final round's ("length": cut at max_tokens)."""
+        return self.rounds[-1].finish_reason if self.rounds else "stop"
+
+    @property
     def total_prompt_tokens(self) -> int:
         return self.prompt_tokens if self.all_prompt_tokens is None else self.all_prompt_tokens
 
@@ -127,31 +132,6 @@ def round_header(index: int) -> str:
 
 def reasoning_text(records: Sequence[RoundRecord]) -> str:
     return "".join(f"{round_header(r.index)}{r.text}\n\n" for r in records)
-
-
-@dataclass
-class _Round:
-    """A round in flight: accumulates the engine's deltas."""
-
-    text: list[str] = dataclasses.field(default_factory=list)
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list = dataclasses.field(default_factory=list)
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_ms: float = 0.0
-    kv_loaded_tokens: int = 0
-    worker: str = ""
-
-    def add(self, d: GenerateDelta, elapsed_ms: float) -> None:
-        if not self.token_ids and d.token_ids:
-            self.ttft_ms = elapsed_ms
-        self.text.append(d.text)
-        self.token_ids.extend(d.token_ids)
-        self.logprobs.extend(d.logprobs)
-        self.prompt_tokens = d.prompt_tokens or self.prompt_tokens
-        self.cached_tokens = d.cached_tokens or self.cached_tokens
-        self.kv_loaded_tokens = d.kv_loaded_tokens or self.kv_loaded_tokens
-        self.worker = d.worker or self.worker
 
 
 class Orchestrator:
@@ -271,7 +251,7 @@ class Orchestrator:
             )
             if role is StreamRole.REASONING:
                 yield ReasoningDelta(round_header(index))
-            acc = _Round()
+            acc = Accumulator()
             start = self._clock()
             async for delta in self._generate(f"{request_id}-r{index}", prompt, spec):
                 acc.add(delta, (self._clock() - start) * 1000.0)
@@ -331,7 +311,12 @@ class Orchestrator:
         return verdict, pruned_prompt, pruned
 
     def record(
-        self, index: int, acc: _Round, prompt: list[int], latency_ms: float, earlier: Sequence[RoundRecord]
+        self,
+        index: int,
+        acc: Accumulator,
+        prompt: list[int],
+        latency_ms: float,
+        earlier: Sequence[RoundRecord],
     ) -> RoundRecord:
         text = "".join(acc.text)
         confidence = round_confidence(text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode)
@@ -355,6 +340,7 @@ class Orchestrator:
             ttft_ms=acc.ttft_ms,
             signals=signals,
             answer=answer,
+            finish_reason=acc.finish_reason or "stop",
         )
 
 

@@ -104,7 +104,7 @@ async def complete(events: AsyncIterator[Event], meta: Meta) -> dict:
                     "content": outcome.content,
                     "reasoning_content": outcome.reasoning_content,
                 },
-                "finish_reason": "stop",
+                "finish_reason": outcome.finish_reason,
                 "logprobs": None,
             }
         ],
@@ -137,7 +137,7 @@ async def sse(events: AsyncIterator[Event], meta: Meta, include_usage: bool) -> 
                 yield _chunk(meta, {"content": ev.text})
             elif isinstance(ev, Finished):
                 o = ev.outcome
-                yield _chunk(meta, {}, "stop", reasoning=reasoning_summary(o, meta))
+                yield _chunk(meta, {}, o.finish_reason, reasoning=reasoning_summary(o, meta))
                 if include_usage:
                     body = {
                         "id": meta.id,

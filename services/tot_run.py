@@ -9,7 +9,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-from services.engine import GenerateResult, SamplingSpec, round_tags
+from services.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
 from services.reasoning.loop import RoundRecord
 from services.reasoning.prompts import Message
 from services.reasoning.tiers import Reason, RoundPlan
@@ -153,19 +153,8 @@ def _outcome(
     )
 
 
-def _round_of(r: GenerateResult):
-    from services.orchestrator import _Round
-
-    return _Round(
-        text=[r.text],
-        token_ids=list(r.token_ids),
-        logprobs=list(r.logprobs),
-        prompt_tokens=r.prompt_tokens,
-        cached_tokens=r.cached_tokens,
-        ttft_ms=r.ttft_ms,
-        kv_loaded_tokens=r.kv_loaded_tokens,
-        worker=r.worker,
-    )
+def _round_of(r: GenerateResult) -> Accumulator:
+    return Accumulator.of(r)
 
 
 def _child(rec: RoundRecord, r: GenerateResult) -> ChildResult:

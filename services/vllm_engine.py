@@ -21,14 +21,21 @@ first, explicitly, and logs what it changed (`prepare_environment`):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from services.engine import Engine, EngineInfo, GenerateDelta, GenerateResult, SamplingSpec, TopLogprobs
+from services.engine import (
+    Accumulator,
+    Engine,
+    EngineInfo,
+    GenerateDelta,
+    GenerateResult,
+    SamplingSpec,
+    TopLogprobs,
+)
 from services.engine_config import EngineConfig
 
 if TYPE_CHECKING:
@@ -222,38 +229,6 @@ def to_delta(out: RequestOutput, prompt_tokens: int) -> GenerateDelta:
 MAX_CHILDREN = 8
 
 
-@dataclasses.dataclass
-class _Child:
-    """One of n samples of a request, accumulated from DELTA outputs."""
-
-    text: list[str] = dataclasses.field(default_factory=list)
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    ttft_ms: float = 0.0
-
-    def add(self, completion: Any, elapsed_ms: float) -> None:
-        if not self.token_ids and completion.token_ids:
-            self.ttft_ms = elapsed_ms
-        self.text.append(completion.text)
-        self.token_ids.extend(int(t) for t in completion.token_ids)
-        self.logprobs.extend(top_logprobs(completion.logprobs))
-        self.finish_reason = completion.finish_reason or self.finish_reason
-
-    def result(self, prompt_tokens: int, cached: int, latency_ms: float, loaded: int) -> GenerateResult:
-        return GenerateResult(
-            text="".join(self.text),
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            finish_reason=self.finish_reason,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=cached,
-            ttft_ms=self.ttft_ms,
-            latency_ms=latency_ms,
-            kv_loaded_tokens=loaded,
-        )
-
-
 class VllmEngine(Engine):
     """One model on one `AsyncLLM`. Safe to call concurrently from one event loop."""
 
@@ -335,18 +310,22 @@ class VllmEngine(Engine):
             raise ValueError(f"n must be between 1 and {MAX_CHILDREN}, got {n}")
         params = sampling_params(spec)
         params.n = n
-        acc = [_Child() for _ in range(n)]
+        acc = [Accumulator(prompt_tokens=len(prompt_token_ids)) for _ in range(n)]
         start = time.perf_counter()
         cached = loaded = 0
         async with contextlib.aclosing(self._outputs(request_id, prompt_token_ids, params)) as outputs:
             async for out in outputs:
                 elapsed = (time.perf_counter() - start) * 1000.0
-                for completion in out.outputs:
-                    acc[completion.index].add(completion, elapsed)
+                for c in out.outputs:
+                    delta = GenerateDelta(c.text, [int(t) for t in c.token_ids], top_logprobs(c.logprobs))
+                    delta.finish_reason = c.finish_reason
+                    acc[c.index].add(delta, elapsed)
                 cached = int(out.num_cached_tokens or 0)
                 loaded = max(loaded, kv_loaded_tokens(out) if out.finished else 0)
         latency = (time.perf_counter() - start) * 1000.0
-        return [c.result(len(prompt_token_ids), cached, latency, loaded) for c in acc]
+        for a in acc:  # the request's counts, shared by its children
+            a.cached_tokens, a.kv_loaded_tokens = cached, loaded
+        return [a.result(latency) for a in acc]
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -48,6 +48,7 @@ class RoundRecord:
     pruned: dict | None = None  # how this round's prompt was cut to fit the context, if it was
     kv_loaded_tokens: int = 0  # prompt tokens the KV store supplied (the rest of cached_tokens: local)
     worker: str = ""  # the worker replica that ran the round
+    finish_reason: str = "stop"  # the engine's: "length" when the round was cut at max_tokens
 
     def signals_or_confidence(self) -> Signals | float | None:
         return self.signals if self.signals is not None else self.confidence
@@ -58,6 +59,7 @@ class RoundRecord:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "worker": self.worker,
+            "finish_reason": self.finish_reason,
             "kv_cached_tokens": max(self.cached_tokens - self.kv_loaded_tokens, 0),
             "kv_loaded_tokens": self.kv_loaded_tokens,
             "confidence": None if self.confidence is None else round(self.confidence, 4),

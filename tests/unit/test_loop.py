@@ -156,3 +156,37 @@ def test_loop_rejects_rounds_after_the_end():
     assert loop.settle(rec, None).reason is Reason.CEILING
     with pytest.raises(RuntimeError):
         loop.settle(rec, None)
+
+
+class CutEngine(FakeEngine):
+    """Every round runs out of tokens: the engine says `length`."""
+
+    async def generate(self, rid, prompt, spec):
+        async for d in super().generate(rid, prompt, spec):
+            if d.finished:
+                d.finish_reason = "length"
+            yield d
+
+
+def test_a_round_cut_at_max_tokens_reports_length_up_to_the_response():
+    from services.responses import Meta, complete, sse
+
+    events = run(orch(CutEngine(), remote()), RoundPlan("low", 1, 2, None))
+    (outcome,) = [e.outcome for e in events if isinstance(e, Finished)]
+    assert [r.finish_reason for r in outcome.rounds] == ["length"] * len(outcome.rounds)
+    assert outcome.finish_reason == "length" and outcome.rounds[-1].summary()["finish_reason"] == "length"
+    body = asyncio.run(complete(_aiter(events), Meta("id", "m", 0)))
+    assert body["choices"][0]["finish_reason"] == "length"
+
+    async def chunks():
+        return [c async for c in sse(_aiter(events), Meta("id", "m", 0), False)]
+
+    assert '"finish_reason": "length"' in "".join(asyncio.run(chunks()))
+    plain = run(orch(FakeEngine(), remote()), RoundPlan("low", 1, 1, None))
+    (done,) = [e.outcome for e in plain if isinstance(e, Finished)]
+    assert done.finish_reason == "stop"
+
+
+async def _aiter(items):
+    for x in items:
+        yield x
