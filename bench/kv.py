@@ -7,7 +7,7 @@ Measured now, in one process, against a local memcpy of the same bytes in the sa
 - store_waste_fraction: bytes of the occupied slots of a RAM pool filled with encoded chunks that
   hold no KV (header area, rounding);
 - ram_put_get_vs_memcpy: a shard's put + get of those chunks over memcpy.
-Between two processes (a shard in a Ray actor, this driver through kvstore/nixl_client.py):
+Between two processes (a shard in a Ray actor, this driver through kvstore/transport/client.py):
 - nixl_vs_memcpy: NIXL READ bandwidth of batches of 4 MiB and more out of the shard's RAM pool, one
   contiguous span and as the encoded blocks' scattered slot spans, over a local numpy memcpy of the
   same spans measured in the same run (best of N after warm-up); the headline is the worst ratio of
@@ -35,8 +35,8 @@ import numpy as np
 
 from kvstore.codec import BlockHeader, decode, encode
 from kvstore.digest import Hasher
-from kvstore.pool import RamPool, slot_bytes_for, waste_fraction
-from kvstore.shard import BlockMeta, Shard, ShardConfig
+from kvstore.shard.pool import RamPool, slot_bytes_for, waste_fraction
+from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, CHUNK_BLOCKS = 30, 3, 64, 32, 2  # SmolLM2-135M on CPU
 SHAPE = (LAYERS, CHUNK_BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)  # layer-major, as the connector
@@ -48,6 +48,9 @@ SKIPPED = {
     "serving_throughput_store_on_vs_off": "skipped (--no-serve): serves the app on a local cluster",
 }
 MiB = 1 << 20
+
+
+COMMAND = ("kv", "KV store codec/slot/shard throughput against memcpy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,7 +80,7 @@ def _best(fn, repeats: int) -> float:
 
 
 def _nixl_missing() -> str | None:
-    from kvstore.transport import nixl_missing
+    from kvstore.transport.factory import nixl_missing
 
     return nixl_missing()
 
@@ -158,7 +161,7 @@ def measure_nixl(sizes_mib: list[int], encoded: list[bytes], slot: int, repeats:
         return {"nixl_vs_memcpy": None, "nixl_vs_memcpy_by_size": None, "why": why}
     import ray
 
-    from kvstore.nixl_client import NixlClient
+    from kvstore.transport.client import NixlClient
 
     sizes = [m * MiB for m in sizes_mib]
     per_block = len(encoded[0])

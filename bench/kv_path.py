@@ -1,6 +1,6 @@
 """`ponder bench kv-path`: the connector's worker-side KV data path against the machine's bulk copy.
 
-Drives `kvstore.datapath.KvDataPath` — the code the vLLM connector's worker hooks run — on a paged
+Drives `kvstore.connector.datapath.KvDataPath` — the code the vLLM connector's worker hooks run — on a paged
 cache of a real model's shape (random tensors, no scheduler, no vLLM, no Ray), with an in-process
 store shard (`LocalStore`; page-locked on CUDA), for each context length:
 - save: `submit_saves` of every chunk of the context (what `wait_for_save` does after a prefill),
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvstore.datapath import KvDataPath
+from kvstore.connector.datapath import KvDataPath
+from kvstore.connector.engine_store import LocalStore
+from kvstore.connector.layout import CacheLayout
 from kvstore.digest import Hasher
-from kvstore.engine_store import LocalStore
-from kvstore.layout import CacheLayout
 from kvstore.planner import KvTags, LoadSpec, SaveSpec
-from kvstore.pool import slot_bytes_for
+from kvstore.shard.pool import slot_bytes_for
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ SHAPES = {
     "smollm2": Shape(30, 3, 64, 576, 9, 1536, 49152, "llama"),
 }
 MODEL_KEY = "bench|bfloat16"
+
+
+COMMAND = ("kv-path", "the connector's worker-side KV data path vs bulk copy (CPU or CUDA)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -97,14 +97,14 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
     from transformers import AutoTokenizer
 
     from kvstore.chain import block_hashes, model_key
-    from kvstore.client import start_shards
-    from kvstore.connector_config import KvConnectorConfig
-    from kvstore.pool import slot_bytes_for
-    from kvstore.shard import ShardConfig
-    from kvstore.sizing import block_payload_bytes
-    from services.engine import SamplingSpec
-    from services.engine_config import EngineConfig
-    from services.vllm_engine import VllmEngine
+    from kvstore.connector.config import KvConnectorConfig
+    from kvstore.shard.client import start_shards
+    from kvstore.shard.pool import slot_bytes_for
+    from kvstore.shard.shard import ShardConfig
+    from kvstore.shard.sizing import block_payload_bytes
+    from services.worker.engine import SamplingSpec
+    from services.worker.engine_config import EngineConfig
+    from services.worker.vllm_engine import VllmEngine
 
     path = str(ensure_model(DEFAULT_MODEL))
     slot = slot_bytes_for(block_payload_bytes(path, CHUNK))

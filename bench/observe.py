@@ -26,6 +26,9 @@ SERIES = {  # panel -> (metric, label to split by, extra label filter)
 KEEP_KINDS = {"kv_cached", "kv_loaded"}
 
 
+COMMAND = ("observe", "mixed workload on a local cluster, metrics scraped and drawn")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", default="bench/results/observe.json")
     p.add_argument("--png", default="docs/img/ponder-metrics.png")

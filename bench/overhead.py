@@ -26,6 +26,8 @@ import httpx
 
 from services.config import DEFAULT_CONFIG, AppConfig
 
+COMMAND = ("overhead", "time added per round by router + depth control")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
@@ -119,7 +121,7 @@ async def routed_request(
 async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
     from ray import serve
 
-    from services.tokenizer import HfTokenizer
+    from services.loop.tokenizer import HfTokenizer
 
     worker = serve.get_deployment_handle("ReasoningWorker", cfg.app_name)
     tokenizer = HfTokenizer(cfg.engine.model_path or "")

@@ -45,6 +45,9 @@ QUESTIONS = [
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
+COMMAND = ("soak", "sustained load: memory flat, store/engine/sessions back to baseline")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=10.0, help="duration of the load")
     p.add_argument("--sessions", type=int, default=4, help="concurrent sessions (request loops)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from kvstore.client import NAMESPACE, SHARD_PREFIX
+from kvstore.shard.client import NAMESPACE, SHARD_PREFIX
 
 TIMEOUT_S = 10.0
 SERVE_NAMESPACE = "serve"
@@ -136,7 +136,7 @@ def engine_stats(app_name: str, replicas: int) -> dict:
 def state_file_bytes(state_dir: str | None) -> dict | None:
     """Sizes of depth control's SQLite file and its write-ahead log, when they are on this machine
     (the log is reused after each checkpoint: its size is bounded; the file's grows with requests)."""
-    from services.depth_control import STATE_FILE
+    from services.control.depth_control import STATE_FILE
 
     if not state_dir or not os.path.exists(os.path.join(state_dir, STATE_FILE)):
         return None

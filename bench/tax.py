@@ -1,7 +1,7 @@
 """`ponder bench tax`: accuracy against the reasoning tax (tokens, latency) of each depth policy.
 
-A real vLLM engine runs in this process with the router's Orchestrator (bench/runner.py) on graded
-reasoning-gym problems (bench/problems.py), for these policies:
+A real vLLM engine runs in this process with the router's Orchestrator (cluster/runner.py) on graded
+reasoning-gym problems (cluster/problems.py), for these policies:
 - fixed-k, k = 1..6: exactly k rounds (min = max = k, no confidence exit), greedy;
 - tier-ceiling: each problem's tier run to its ceiling, no exit, greedy;
 - confidence-exit: each problem's tier plan with the math domain's confidence threshold, greedy;
@@ -26,20 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.problems import Problem, load_problems
-from bench.runner import (
+from cluster.problems import Problem, load_problems
+from cluster.runner import (
     Job,
     JobResult,
     Runner,
+    add_engine_arguments,
     default_model,
     engine_settings_note,
+    greedy,
     plan_for,
     repo_path,
     settings_from_args,
 )
-from services.engine import SamplingSpec
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.tiers import RoundPlan, TierTable, decide
+from services.worker.engine import SamplingSpec
 
 FIXED_MAX = 6
 FIXED_TIER = "high"  # a tier whose ceiling allows FIXED_MAX rounds
@@ -47,6 +49,9 @@ TOT_TIER, TOT_DEPTH, TOT_TEMPERATURE = "high", 4, 0.7
 EXIT_DOMAIN = "math"
 PREFIX_CHECKS = ((0, 2), (1, 3))  # (problem index, k): real fixed-k runs against fixed-6 prefixes
 GAIN_POINT = 0.01  # "one accuracy point", as a fraction
+
+
+COMMAND = ("tax", "accuracy vs tokens and latency of each depth policy (real engine)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the engine batches them)")
     p.add_argument("--plots", default=str(repo_path("bench", "results")), help="folder for the PNG plots")
     p.add_argument("--seed", type=int, default=0, help="problem generator seed (and ToT sampling seed)")
-    p.add_argument("--suite", default="graded", help="problem suite (bench/problems.py)")
+    p.add_argument("--suite", default="graded", help="problem suite (cluster/problems.py)")
     p.add_argument(
         "--tiers",
         choices=["difficulty", "scorer"],
@@ -71,15 +76,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-tot", dest="tot", action="store_false", help="leave out the Tree-of-Thought policy")
     add_engine_arguments(p)
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    # fp32: these rounds are short and their transcripts grow, so prefill weighs more than decode, and
-    # bf16 prefill is ~5x slower on this CPU (docs/cpu-engine-notes.md); on 8 problems fp32 ran a
-    # little faster (docs/benchmarks.md).
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="engine dtype")
-    p.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache size in MiB")
-    p.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + completion")
 
 
 # ---------------------------------------------------------------- jobs
@@ -92,10 +88,6 @@ def problem_tiers(problems: list[Problem], mode: str, complexity_file: str) -> l
 
     cfg = ComplexityConfig.load(complexity_file)
     return [pick_tier(None, p.question, cfg)[0] for p in problems]
-
-
-def greedy(max_tokens: int) -> SamplingSpec:
-    return SamplingSpec(max_tokens=max_tokens, temperature=0.0, top_logprobs=5)
 
 
 def exit_plan(table: TierTable, tier: str, threshold: float | None) -> RoundPlan:

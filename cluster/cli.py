@@ -11,13 +11,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from cluster.errors import CliError
 from cluster.models import ModelError
-from services.auth import KeyFileError
 from services.config import DEFAULT_CONFIG, AppConfig
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as `error: ...`, exit code 1."""
+from services.ingress.auth import KeyFileError
 
 
 def load_config(path: str) -> AppConfig:
@@ -111,49 +108,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from bench import overhead
-
-    return overhead.main(args)
-
-
-def cmd_bench_tax(args: argparse.Namespace) -> int:
-    from bench import tax
-
-    return tax.main(args)
-
-
-def cmd_bench_kv(args: argparse.Namespace) -> int:
-    from bench import kv
-
-    return kv.main(args)
-
-
-def cmd_bench_kv_path(args: argparse.Namespace) -> int:
-    from bench import kv_path
-
-    return kv_path.main(args)
-
-
-def cmd_bench_observe(args: argparse.Namespace) -> int:
-    from bench import observe
-
-    return observe.main(args)
-
-
-def cmd_bench_soak(args: argparse.Namespace) -> int:
-    from bench import soak
-
-    return soak.main(args)
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from bench import calibrate
+    from cluster import calibrate
 
     try:
         return calibrate.main(args)
     except calibrate.CalibrateError as exc:
         raise CliError(str(exc)) from exc
+
+
+def command_plugins() -> list:
+    """Subcommands other packages add to `ponder` (entry points of group `ponder.commands`, e.g.
+    `bench = "bench.cli:register"` in pyproject.toml): the command line does not import the
+    packages above it; they register themselves."""
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in sorted(entry_points(group="ponder.commands"), key=lambda e: e.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,43 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_helm_parser(sub)
 
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    o = bsub.add_parser("overhead", help="time added per round by router + depth control")
-    from bench.overhead import add_arguments
-
-    add_arguments(o)
-    o.set_defaults(func=cmd_bench)
-    t = bsub.add_parser("tax", help="accuracy vs tokens and latency of each depth policy (real engine)")
-    from bench.tax import add_arguments as add_tax_arguments
-
-    add_tax_arguments(t)
-    t.set_defaults(func=cmd_bench_tax)
-    k = bsub.add_parser("kv", help="KV store codec/slot/shard throughput against memcpy")
-    from bench.kv import add_arguments as add_kv_arguments
-
-    add_kv_arguments(k)
-    k.set_defaults(func=cmd_bench_kv)
-    kp = bsub.add_parser(
-        "kv-path", help="the connector's worker-side KV data path vs bulk copy (CPU or CUDA)"
-    )
-    from bench.kv_path import add_arguments as add_kv_path_arguments
-
-    add_kv_path_arguments(kp)
-    kp.set_defaults(func=cmd_bench_kv_path)
-    ob = bsub.add_parser("observe", help="mixed workload on a local cluster, metrics scraped and drawn")
-    from bench.observe import add_arguments as add_observe_arguments
-
-    add_observe_arguments(ob)
-    ob.set_defaults(func=cmd_bench_observe)
-    so = bsub.add_parser("soak", help="sustained load: memory flat, store/engine/sessions back to baseline")
-    from bench.soak import add_arguments as add_soak_arguments
-
-    add_soak_arguments(so)
-    so.set_defaults(func=cmd_bench_soak)
+    for plugin in command_plugins():  # `ponder bench ...` (bench/cli.py) registers itself
+        plugin(sub)
 
     cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
-    from bench.calibrate import add_arguments as add_calibrate_arguments
+    from cluster.calibrate import add_arguments as add_calibrate_arguments
 
     add_calibrate_arguments(cal)
     cal.set_defaults(func=cmd_calibrate)

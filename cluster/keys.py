@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cluster.cli import CliError
-from services.auth import KEY_PREFIX, KeyEntry, hash_key
+from cluster.errors import CliError
+from services.ingress.auth import KEY_PREFIX, KeyEntry, hash_key
 
 
 def new_key() -> str:

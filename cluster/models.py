@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -29,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from services.config import MODEL_MARKER, ponder_home
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
 
-MARKER = ".ponder-model.json"
+MARKER = MODEL_MARKER
 MARKER_FORMAT = 1
 PIP_TIMEOUT_S = 1800
 _CHUNK = 1 << 20
@@ -134,9 +135,7 @@ REGISTRY: dict[str, ModelSpec] = {
 
 def models_dir() -> Path:
     """$PONDER_HOME/models, or ~/.cache/ponder/models."""
-    home = os.environ.get("PONDER_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "ponder"
-    return base / "models"
+    return ponder_home() / "models"
 
 
 def get_spec(name: str) -> ModelSpec:

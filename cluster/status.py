@@ -11,7 +11,7 @@ import json
 import socket
 from typing import Any
 
-from kvstore.client import NAMESPACE, SHARD_PREFIX
+from kvstore.shard.client import NAMESPACE, SHARD_PREFIX
 
 TIMEOUT_S = 5.0
 WORKER = "ReasoningWorker"

@@ -1,4 +1,8 @@
-"""Sharded, tiered KV-state store (issue 4, in progress): a pure core (core.py: block index, tier
-directory, reasoning-aware retention; ring.py: consistent-hash sharding), slot pools (pool.py), shards
-(shard.py) and their Ray actors and client (client.py). The vLLM KV connector is not built yet: the
-serving path still relies on vLLM's own prefix cache inside one worker."""
+"""The KV-state store (docs/kvstore.md).
+
+Pure core here, no ray/torch/vllm: the block index, tiers and retention (core.py), the connector's
+scheduler-side planner (planner.py), chunk addresses (chain.py), the load-or-recompute cost model
+(cost.py), the wire format (codec.py, digest.py), the sharding ring (ring.py). Around it, one folder
+per part: transport/ (moving bytes between processes: NIXL or Ray bytes, leases, host memory),
+shard/ (a shard's slot pools and its Ray actor, the cluster's store client), connector/ (vLLM's KV
+connector: its vLLM shell, the worker-side data path, the engine's view of the store)."""

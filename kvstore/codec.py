@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import msgpack
 
-from kvstore import digest as dg
+import kvstore.digest as dg
 
 MAGIC = b"PKV1"  # the family of Ponder KV blocks; the format version is the header's `v`
 VERSION = 2

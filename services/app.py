@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from kvstore.connector_config import KvConnectorConfig
-from services.config import DEFAULT_CONFIG, AppConfig
-from services.router import Router
-from services.worker import ReasoningWorker
+from kvstore.connector.config import KvConnectorConfig
+from services.config import DEFAULT_CONFIG, AppConfig, installed_model, ponder_home
+from services.ingress.router import Router
+from services.worker.deployment import ReasoningWorker
 
 
 def connector_config(cfg: AppConfig) -> KvConnectorConfig | None:
@@ -26,14 +26,14 @@ def connector_config(cfg: AppConfig) -> KvConnectorConfig | None:
 
 
 def worker_routing(cfg: AppConfig) -> dict:
-    """Session affinity (services/affinity.py) when the store is on; Serve's default otherwise."""
+    """Session affinity (services/worker/affinity.py) when the store is on; Serve's default otherwise."""
     if not (cfg.kvstore.enabled and cfg.kvstore.affinity):
         return {}
     from ray.serve.config import RequestRouterConfig
 
     return {
         "request_router_config": RequestRouterConfig(
-            request_router_class="services.affinity:SessionAffinityRouter",
+            request_router_class="services.worker.affinity:SessionAffinityRouter",
             request_router_kwargs={"max_queue": cfg.kvstore.affinity_max_queue},
         )
     }
@@ -71,10 +71,14 @@ def app_builder(args: dict) -> Application:
         cfg = AppConfig.from_dict(args["app"])
     else:
         cfg = AppConfig.load(args.get("config", DEFAULT_CONFIG))
-    if not cfg.engine.model_path:
-        from cluster.models import ensure_model  # provisioning is cluster/'s job
-
-        cfg.engine.model_path = str(ensure_model(cfg.engine.model))
+    if not cfg.engine.model_path:  # pulled beforehand (`ponder models pull`, the chart's init container)
+        found = installed_model(cfg.engine.model)
+        if found is None:
+            raise ValueError(
+                f"model {cfg.engine.model!r} is not installed under {ponder_home() / 'models'} and "
+                f"engine.model_path is not set: run `ponder models pull {cfg.engine.model}` first"
+            )
+        cfg.engine.model_path = str(found)
     return build_app(cfg)
 
 

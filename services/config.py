@@ -10,9 +10,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.auth import read_keys
-from services.engine_config import EngineConfig
+from services.ingress.auth import read_keys
 from services.reasoning.budgets import BudgetConfig
+from services.worker.engine_config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local-cpu.yaml"
@@ -203,10 +203,24 @@ def _resolve_keys(config_path: Path, file: str) -> str:
     return str(resolved)
 
 
+MODEL_MARKER = ".ponder-model.json"  # written last by a pull: a folder without it is incomplete
+
+
+def ponder_home() -> Path:
+    """Where Ponder keeps models and durable state: $PONDER_HOME, or ~/.cache/ponder (the one place
+    this is resolved)."""
+    home = os.environ.get("PONDER_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "ponder"
+
+
+def installed_model(name: str) -> Path | None:
+    """The folder of a model `ponder models pull` installed, or None."""
+    folder = ponder_home() / "models" / name
+    return folder if (folder / MODEL_MARKER).is_file() else None
+
+
 def _state_dir(config_path: Path, state_dir: str | None) -> str:
     if state_dir is None:
-        home = os.environ.get("PONDER_HOME")
-        base = Path(home) if home else Path.home() / ".cache" / "ponder"
-        return str((base / "state").resolve())
+        return str((ponder_home() / "state").resolve())
     p = Path(state_dir)
     return str(p if p.is_absolute() else (config_path.parent / p).resolve())

@@ -7,7 +7,7 @@ ceiling and is told why (`Admission.degraded`, `reasons`). Budgets:
 - ToT children being generated at once, cluster-wide,
 - completion tokens per minute per API key (a sliding window of per-second buckets).
 Sessions hold a lease renewed by every call that names them, so a router that died cannot hold a
-slot or nodes forever. API keys arrive already hashed (`services.control.api_key_id`): a raw key is
+slot or nodes forever. API keys arrive already hashed (`services.control.client.api_key_id`): a raw key is
 never passed in, stored or checkpointed here.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.window import Window
+from services.reasoning.window import Window
 
 SNAPSHOT_VERSION = 1
 _COUNTERS = ("degraded_admissions", "untracked_admissions", "partial_grants", "denied_grants")

@@ -8,9 +8,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from kvstore.client import StoreClient, start_shards
-from kvstore.pool import slot_bytes_for
-from kvstore.shard import BlockMeta, ShardConfig
+from kvstore.shard.client import StoreClient, start_shards
+from kvstore.shard.pool import slot_bytes_for
+from kvstore.shard.shard import BlockMeta, ShardConfig
 
 pytestmark = pytest.mark.e2e
 

@@ -16,12 +16,12 @@ from ray.cluster_utils import Cluster
 
 from cluster.local import OFFLINE_ENV, deploy
 from kvstore.chain import block_hashes, model_key
-from kvstore.client import SHARD_PREFIX, shard_name
 from kvstore.codec import BlockHeader, encode
-from kvstore.layout import CacheLayout
-from kvstore.shard import BlockMeta
+from kvstore.connector.layout import CacheLayout
+from kvstore.shard.client import SHARD_PREFIX, shard_name
+from kvstore.shard.shard import BlockMeta
+from services.loop.tokenizer import HfTokenizer
 from services.reasoning.prompts import Message, round_messages
-from services.tokenizer import HfTokenizer
 
 pytestmark = pytest.mark.e2e
 

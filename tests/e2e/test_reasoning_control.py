@@ -18,7 +18,7 @@ import yaml
 
 from cluster.keys import new_key
 from cluster.local import running
-from services.auth import hash_key
+from services.ingress.auth import hash_key
 
 pytestmark = pytest.mark.e2e
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cluster.models import DEFAULT_MODEL, ensure_model
-from services.engine_config import EngineConfig, MiB
-from services.vllm_engine import VllmEngine
+from services.worker.engine_config import EngineConfig, MiB
+from services.worker.vllm_engine import VllmEngine
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 
 from kvstore.chain import block_hashes, model_key
 from kvstore.codec import PAYLOAD_OFFSET
-from kvstore.connector_config import REPORT_KEY, KvConnectorConfig
+from kvstore.connector.config import REPORT_KEY, KvConnectorConfig
 from services.reasoning.prompts import Message, round_messages
 
 pytestmark = pytest.mark.engine
@@ -56,7 +56,7 @@ def llm(model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
             seed=0,
             kv_transfer_config=KVTransferConfig(
                 kv_connector="PonderKVConnector",
-                kv_connector_module_path="kvstore.connector",
+                kv_connector_module_path="kvstore.connector.vllm_connector",
                 kv_role="kv_both",
                 kv_load_failure_policy="recompute",
                 kv_connector_extra_config=cfg.to_extra_config(),
@@ -73,7 +73,7 @@ def llm(model_dir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]
 
 
 def store():
-    from kvstore.engine_store import LocalStore, _stores
+    from kvstore.connector.engine_store import LocalStore, _stores
 
     (s,) = [s for s in _stores.values() if isinstance(s, LocalStore)]
     return s.shard
@@ -175,7 +175,7 @@ def test_a_damaged_chunk_is_rejected_and_recomputed(llm):
 
 
 def test_loads_that_do_not_pay_are_skipped(llm):
-    from kvstore.connector import _COSTS
+    from kvstore.connector.vllm_connector import _COSTS
 
     ids = prompt_ids(llm, DOC + "\nWho used the ferry?")
     first, _, _ = run(llm, ids, "s-cost")
@@ -248,7 +248,7 @@ TAMPERING = {
 def test_tampered_blocks_are_rejected_counted_and_recomputed(llm, case):
     from vllm.distributed.kv_transfer.kv_transfer_state import get_kv_transfer_group
 
-    from kvstore.shard import BlockMeta
+    from kvstore.shard.shard import BlockMeta
 
     tamper, reason = TAMPERING[case]
     # ~2 chunks and a few tokens out: short, as each case runs the model twice

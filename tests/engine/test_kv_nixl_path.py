@@ -1,6 +1,6 @@
 """The engine's store (`RayStore`, as the connector uses it) moving block bytes to and from real shard
 actors over NIXL (one-sided READ/WRITE), and over Ray bytes when asked to. A local Ray cluster; the
-client is this test process. (kvstore/nixl_client.py's own tests: test_kv_nixl_shard.py.)"""
+client is this test process. (kvstore/transport/client.py's own tests: test_kv_nixl_shard.py.)"""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import random
 import pytest
 import ray
 
-from kvstore.client import start_shards
-from kvstore.connector_config import KvConnectorConfig
-from kvstore.engine_store import RayStore
-from kvstore.pool import slot_bytes_for
-from kvstore.shard import BlockMeta, ShardConfig
+from kvstore.connector.config import KvConnectorConfig
+from kvstore.connector.engine_store import RayStore
+from kvstore.shard.client import start_shards
+from kvstore.shard.pool import slot_bytes_for
+from kvstore.shard.shard import BlockMeta, ShardConfig
 
 pytestmark = pytest.mark.engine
 

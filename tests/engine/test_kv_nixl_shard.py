@@ -1,5 +1,5 @@
 """The store's one-sided data path between real processes: a Shard in a Ray actor registers its RAM pool
-with NIXL, this process (kvstore/nixl_client.py) WRITEs blocks into it and READs them back.
+with NIXL, this process (kvstore/transport/client.py) WRITEs blocks into it and READs them back.
 
 Checked: bytes equal both ways (and equal to what the shard's own Ray `get` returns), a staging buffer
 that grows for a big batch, the bytes fallback (`transport: bytes`, a failing transfer), a dead shard
@@ -15,10 +15,11 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from kvstore.nixl_client import NixlClient
-from kvstore.pool import slot_bytes_for
-from kvstore.shard import BlockMeta, Shard, ShardConfig
-from kvstore.transport import TransportError, nixl_missing
+from kvstore.shard.pool import slot_bytes_for
+from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
+from kvstore.transport.base import TransportError
+from kvstore.transport.client import NixlClient
+from kvstore.transport.factory import nixl_missing
 
 pytestmark = pytest.mark.engine
 

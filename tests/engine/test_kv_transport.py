@@ -20,14 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvstore.transport import (
+from kvstore.transport.base import (
     BytesTransport,
     TransportError,
     decode_metadata,
     encode_metadata,
-    make_transport,
-    nixl_missing,
 )
+from kvstore.transport.factory import make_transport, nixl_missing
 
 pytestmark = pytest.mark.engine
 
@@ -77,7 +76,7 @@ def _peer_pool() -> np.ndarray:
 
 def _peer_main(rfd: int, wfd: int) -> None:
     """The other process: a NIXL pool of known bytes that answers b"dump" with them and b"exit"."""
-    from kvstore.nixl_transport import NixlTransport
+    from kvstore.transport.nixl import NixlTransport
 
     t = NixlTransport("peer")
     t.register(_peer_pool())
@@ -197,7 +196,7 @@ def test_metadata_version_and_fields_checked() -> None:
 
 
 def test_fallback_without_nixl(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "kvstore.nixl_transport", None)  # makes its import fail
+    monkeypatch.setitem(sys.modules, "kvstore.transport.nixl", None)  # makes its import fail
     a, b = make_transport("a"), make_transport("b")
     assert isinstance(a, BytesTransport) and not a.one_sided
     pa, pb = np.arange(4 * BLOCK, dtype=np.uint8), np.zeros(4 * BLOCK, dtype=np.uint8)

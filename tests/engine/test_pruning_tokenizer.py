@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from services.loop.tokenizer import HfTokenizer
 from services.reasoning.prompts import Message, round_messages
 from services.reasoning.pruning import PruneError, build_messages, fit_transcript
-from services.tokenizer import HfTokenizer
 
 pytestmark = pytest.mark.engine
 

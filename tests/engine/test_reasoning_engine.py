@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine import SamplingSpec
-from services.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta
+from services.loop.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta
+from services.loop.tokenizer import HfTokenizer
 from services.reasoning.prompts import Message, round_messages
 from services.reasoning.tiers import RoundPlan, TierTable, decide, make_plan
-from services.tokenizer import HfTokenizer
+from services.worker.engine import SamplingSpec
 
 pytestmark = pytest.mark.engine
 
@@ -93,7 +93,7 @@ def test_tot_on_the_real_engine_keeps_budgets_under_concurrency(loop, engine, mo
     exceeds its node or depth budget and the shared cap is never exceeded."""
     import asyncio
 
-    from services.orchestrator import local_decide
+    from services.loop.orchestrator import local_decide
     from services.reasoning.budgets import BudgetConfig, Budgets
 
     budgets = Budgets(BudgetConfig(max_tot_nodes_in_flight=2))

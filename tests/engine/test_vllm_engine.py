@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from services.engine import EngineInfo, GenerateDelta, GenerateResult, SamplingSpec
-from services.engine_config import EngineConfig, MiB
-from services.vllm_engine import VllmEngine, cpu_thread_env, prepare_environment, top_logprobs
+from services.worker.engine import EngineInfo, GenerateDelta, GenerateResult, SamplingSpec
+from services.worker.engine_config import EngineConfig, MiB
+from services.worker.vllm_engine import VllmEngine, cpu_thread_env, prepare_environment, top_logprobs
 
 pytestmark = pytest.mark.engine
 

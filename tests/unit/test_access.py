@@ -9,12 +9,12 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from cluster import cli
-from services import access
-from services.api import install_error_handlers
-from services.auth import KeyEntry, KeyRing, hash_key
+from services.ingress import access
 from services.config import DEFAULT_CONFIG, AppConfig, AuthConfig
-from services.metrics import log_request
-from services.orchestrator import Outcome
+from services.ingress.api import install_error_handlers
+from services.ingress.auth import KeyEntry, KeyRing, hash_key
+from services.ingress.metrics import log_request
+from services.loop.orchestrator import Outcome
 from services.reasoning.tiers import Reason, RoundPlan
 
 FULL, LOW_ONLY, LIMITED = "pk-full-0123456789", "pk-low-0123456789", "pk-limited-0123456789"
@@ -220,7 +220,7 @@ def test_ponder_keys_hash_reads_stdin(capsys, monkeypatch):
 
 
 def test_ponder_log_lines_reach_the_serve_replica_log_handlers():
-    from services.metrics import send_logs_to_replica_log
+    from services.ingress.metrics import send_logs_to_replica_log
 
     class Keep(logging.Handler):
         def __init__(self):

@@ -1,11 +1,11 @@
-"""Session affinity policy (services/affinity.py) and block sizing (kvstore/sizing.py)."""
+"""Session affinity policy (services/worker/affinity.py) and block sizing (kvstore/shard/sizing.py)."""
 
 import json
 
 import pytest
 
-from kvstore.sizing import block_payload_bytes
-from services.affinity import rank, session_of
+from kvstore.shard.sizing import block_payload_bytes
+from services.worker.affinity import rank, session_of
 
 
 def test_holder_first_unless_busy_then_least_loaded():

@@ -10,9 +10,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
-from services.api import BodyLimit, ChatRequest, error_response, install_error_handlers
-from services.control import _user_message
-from services.state import UnknownRequestError
+from services.control.client import _user_message
+from services.control.state import UnknownRequestError
+from services.ingress.api import BodyLimit, ChatRequest, error_response, install_error_handlers
 
 LIMIT = 2048
 

@@ -5,8 +5,8 @@ import hmac
 
 import pytest
 
-from services import auth
-from services.auth import AuthError, KeyEntry, KeyFileError, KeyRing, hash_key, parse_keys, read_keys
+from services.ingress import auth
+from services.ingress.auth import AuthError, KeyEntry, KeyFileError, KeyRing, hash_key, parse_keys, read_keys
 
 RAW = {"alice": "pk-alice-secret", "bob": "pk-bob-secret", "carol": "pk-carol-secret"}
 T0 = 1000.0

@@ -4,11 +4,11 @@ resumed by a new instance (what Ray's restart does), feedback and reviews on its
 import pytest
 
 from services.config import DEFAULT_CONFIG, AppConfig
-from services.control import Control, api_key_id
-from services.depth_control import DepthControl
+from services.control.client import Control, api_key_id
+from services.control.depth_control import DepthControl
+from services.control.state import FeedbackExistsError, ReviewDecidedError, UnknownRequestError
 from services.reasoning.signals import Signals
 from services.reasoning.tiers import make_plan
-from services.state import FeedbackExistsError, ReviewDecidedError, UnknownRequestError
 
 
 class Clock:

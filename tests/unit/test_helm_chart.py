@@ -172,9 +172,8 @@ def test_serve_config_follows_the_typed_config(chart):
         16,
         {"num_cpus": 6, "num_gpus": 1},
     )
-    assert (
-        worker["request_router_config"]["request_router_class"] == "services.affinity:SessionAffinityRouter"
-    )
+    routing = worker["request_router_config"]["request_router_class"]
+    assert routing == "services.worker.affinity:SessionAffinityRouter"
     assert (router["name"], router["num_replicas"]) == ("Router", 4)
     (rs,) = _render(chart, VALUE_SETS["no-affinity"])["RayService"]
     app = yaml.safe_load(rs["spec"]["serveConfigV2"])

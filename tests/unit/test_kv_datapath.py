@@ -1,4 +1,4 @@
-"""The connector's worker-side data path (kvstore/datapath.py) on CPU tensors, without vLLM.
+"""The connector's worker-side data path (kvstore/connector/datapath.py) on CPU tensors, without vLLM.
 
 Round trips are bit-exact for the three paged-cache layouts vLLM hands a connector (emulated with
 CPU tensors of random bits, NaN patterns included), over fragmented block ids, partial chunks, the
@@ -18,12 +18,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvstore import codec
-from kvstore.datapath import KvDataPath
+from kvstore.connector.datapath import KvDataPath
+from kvstore.connector.engine_store import LocalStore
+from kvstore.connector.layout import CacheLayout
 from kvstore.digest import Hasher
-from kvstore.engine_store import LocalStore
-from kvstore.layout import CacheLayout
 from kvstore.planner import KvTags, LoadSpec, SaveSpec
-from kvstore.pool import slot_bytes_for
+from kvstore.shard.pool import slot_bytes_for
 
 L, CB, NB = 3, 4, 96  # layers, blocks per chunk, cache blocks
 KEY = "m|bfloat16|bs16|c64"

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from kvstore.codec import PAYLOAD_OFFSET
-from kvstore.pool import ALIGN, DiskPool, RamPool, SlotError, slot_bytes_for, waste_fraction
+from kvstore.shard.pool import ALIGN, DiskPool, RamPool, SlotError, slot_bytes_for, waste_fraction
 
 
 def test_ram_and_disk_round_trip_and_bounds(tmp_path):

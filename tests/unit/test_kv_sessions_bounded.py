@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from kvstore.core import KvCore, Tier
-from kvstore.shard import BlockMeta, Shard, ShardConfig
+from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +96,7 @@ def test_shard_sweep_forgets_idle_sessions():
 def test_the_ram_pool_is_resident_from_the_start():
     """Measured in a fresh process: in this one, freed memory from earlier tests may be reused."""
     probe = (
-        "import psutil; from kvstore.pool import RamPool, slot_bytes_for\n"
+        "import psutil; from kvstore.shard.pool import RamPool, slot_bytes_for\n"
         "p = psutil.Process(); before = p.memory_info().rss\n"
         "pool = RamPool(64, slot_bytes_for(1 << 20))\n"
         "print(p.memory_info().rss - before, pool.buffer.nbytes)"

@@ -2,8 +2,8 @@
 
 import random
 
-from kvstore.pool import slot_bytes_for
-from kvstore.shard import BlockMeta, Shard, ShardConfig
+from kvstore.shard.pool import slot_bytes_for
+from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
 
 
 class Clock:
@@ -124,8 +124,8 @@ def test_unfinished_leases_are_reclaimed_by_sweep(tmp_path):
 
 
 def test_bytes_transport_shard_and_client_without_nixl():
-    from kvstore.nixl_client import NixlClient
-    from kvstore.transport import decode_metadata
+    from kvstore.transport.base import decode_metadata
+    from kvstore.transport.client import NixlClient
 
     s = Shard(ShardConfig(ram_slots=4, slot_bytes=slot_bytes_for(1000), transport="bytes"), Clock())
     info = decode_metadata(s.transport_metadata())
@@ -142,8 +142,8 @@ def test_bytes_transport_shard_and_client_without_nixl():
 
 
 def test_put_into_a_store_whose_every_slot_is_pinned_declines_instead_of_failing():
-    from kvstore.pool import slot_bytes_for
-    from kvstore.shard import BlockMeta, Shard, ShardConfig
+    from kvstore.shard.pool import slot_bytes_for
+    from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
 
     shard = Shard(ShardConfig(ram_slots=2, slot_bytes=slot_bytes_for(100)))
     assert shard.put([BlockMeta("a", "s", 0), BlockMeta("b", "s", 0)], [b"x" * 100, b"y" * 100]) == 2

@@ -6,8 +6,7 @@ import math
 
 import pytest
 
-from services.engine import GenerateDelta, SamplingSpec
-from services.orchestrator import (
+from services.loop.orchestrator import (
     ContentDelta,
     ContextLengthError,
     Finished,
@@ -18,6 +17,7 @@ from services.orchestrator import (
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message
 from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+from services.worker.engine import GenerateDelta, SamplingSpec
 
 SURE = ((1, 0.0),)
 UNSURE = tuple((i, math.log(0.25)) for i in range(4))  # confidence 1 - ln4/ln100 = 0.70
@@ -169,7 +169,7 @@ class CutEngine(FakeEngine):
 
 
 def test_a_round_cut_at_max_tokens_reports_length_up_to_the_response():
-    from services.responses import Meta, complete, sse
+    from services.ingress.responses import Meta, complete, sse
 
     events = run(orch(CutEngine(), remote()), RoundPlan("low", 1, 2, None))
     (outcome,) = [e.outcome for e in events if isinstance(e, Finished)]

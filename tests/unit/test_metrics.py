@@ -1,9 +1,9 @@
-"""The router's metric observations (services/metrics.py), with a recording fake of Ray's metrics."""
+"""The router's metric observations (services/ingress/metrics.py), with a recording fake of Ray's metrics."""
 
 from collections import defaultdict
 
-from services.metrics import SPECS, Recorder
-from services.orchestrator import Outcome
+from services.ingress.metrics import SPECS, Recorder
+from services.loop.orchestrator import Outcome
 from services.reasoning.loop import RoundRecord
 from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
 
@@ -106,8 +106,8 @@ def test_a_tot_request_counts_every_node_s_tokens_at_the_end():
 def test_log_lines_carry_ids_and_numbers_never_text(caplog):
     import logging
 
-    from services.control import Control
-    from services.metrics import log_request, log_round
+    from services.control.client import Control
+    from services.ingress.metrics import log_request, log_round
 
     plan = RoundPlan("medium", 1, 4, 0.8)
     r = rec(1, 20, cached=96, loaded=64)

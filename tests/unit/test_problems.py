@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.problems import GRADED, Source, answer_line, load_problems, score
+from cluster.problems import GRADED, Source, answer_line, load_problems, score
 from services.reasoning.domains import DomainRegistry
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "domains.yaml"

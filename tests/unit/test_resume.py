@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from services.engine import GenerateDelta, SamplingSpec
-from services.resume import budget_spent, rebase, resumed
-from services.router import Router
+from services.ingress.router import Router
+from services.loop.resume import budget_spent, rebase, resumed
+from services.worker.engine import GenerateDelta, SamplingSpec
 
 
 def test_resumed_request_carries_the_streamed_tokens_and_the_rest_of_the_budget():

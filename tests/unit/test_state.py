@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from services.state import (
+from services.control.state import (
     SCHEMA_VERSION,
     FeedbackExistsError,
     ReviewDecidedError,

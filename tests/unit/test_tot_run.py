@@ -4,10 +4,10 @@ node grant, children come from one n-sample request, the best path becomes the r
 import asyncio
 import math
 
-from services.engine import GenerateDelta, GenerateResult, SamplingSpec
-from services.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta, local_decide
+from services.loop.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta, local_decide
 from services.reasoning.prompts import Message
 from services.reasoning.tiers import RoundPlan
+from services.worker.engine import GenerateDelta, GenerateResult, SamplingSpec
 
 SURE = ((1, 0.0),)
 UNSURE = tuple((i, math.log(0.25)) for i in range(4))

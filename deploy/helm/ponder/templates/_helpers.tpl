@@ -86,7 +86,7 @@ applications:
           num_gpus: {{ include "ponder.get" (list $w "num_gpus" 0.0) }}
         {{- if and (eq (include "ponder.get" (list $kv "enabled" false)) "true") (eq (include "ponder.get" (list $kv "affinity" true)) "true") }}
         request_router_config:
-          request_router_class: services.affinity:SessionAffinityRouter
+          request_router_class: services.worker.affinity:SessionAffinityRouter
           request_router_kwargs:
             max_queue: {{ include "ponder.get" (list $kv "affinity_max_queue" 4) }}
         {{- end }}

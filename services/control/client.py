@@ -1,0 +1,155 @@
+"""The router's side of the depth-control actor: calls with timeouts, the local fallback, and actor
+errors mapped to OpenAI-shaped HTTP errors. Decisions degrade to local hard ceilings when the actor is
+unreachable; durable operations (reviews, feedback) fail with a clear 503 instead, never silently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from services.control.state import (
+    FeedbackExistsError,
+    ReviewDecidedError,
+    ReviewNotFoundError,
+    StateError,
+    UnknownRequestError,
+)
+from services.ingress.api import ApiError
+from services.reasoning.signals import Signals
+from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+
+log = logging.getLogger("ponder.control")
+
+ANONYMOUS = "anonymous"
+DURABLE_TIMEOUT_S = 15.0
+
+
+def api_key_id(authorization: str | None) -> str:
+    """A stable, non-reversible id for the caller's API key: raw keys are never stored or sent on."""
+    if not authorization or not authorization.lower().startswith("bearer "):
+        return ANONYMOUS
+    token = authorization[7:].strip()
+    return "key-" + hashlib.sha256(token.encode()).hexdigest()[:16] if token else ANONYMOUS
+
+
+@dataclass
+class Control:
+    """What depth control did for one request; reported in the response's `reasoning`."""
+
+    reachable: bool = True
+    degraded: bool = False
+    reasons: list[str] = field(default_factory=list)
+    local_decisions: int = 0  # rounds decided locally because the actor did not answer
+
+    def summary(self) -> dict:
+        return {
+            "depth_control": "ok" if self.reachable and not self.local_decisions else "unreachable",
+            "local_ceilings": not self.reachable or self.local_decisions > 0,
+            "degraded": self.degraded,
+            "degraded_reasons": self.reasons,
+        }
+
+
+class DepthClient:
+    def __init__(
+        self, actor, timeout_s: float, grant_wait_s: float = 10.0, on_decision=lambda seconds: None
+    ) -> None:
+        self.actor = actor
+        self.timeout = timeout_s
+        self.grant_wait_s = grant_wait_s
+        self.on_decision = on_decision  # the decide call's latency, for metrics
+
+    async def _call(self, method: str, *args, timeout: float | None = None):
+        return await asyncio.wait_for(getattr(self.actor, method).remote(*args), timeout or self.timeout)
+
+    async def admit(self, rid: str, key: str, plan: RoundPlan, control: Control) -> dict | None:
+        """The actor's admission (granted ceilings, domain threshold), or None when unreachable."""
+        try:
+            return await self._call(
+                "admit", rid, key, plan.tier, plan.min_rounds, plan.max_rounds, plan.domain or ""
+            )
+        except Exception as exc:  # unreachable or restarting: the plan's own ceilings hold
+            log.warning("depth control unavailable at admission (%s)", type(exc).__name__)
+            control.reachable = False
+            return None
+
+    def decider(self, control: Control):
+        """A per-request DecideFn that records when it had to fall back to local ceilings."""
+
+        async def decide(plan: RoundPlan, rounds_done: int, signals: Signals) -> Verdict | None:
+            try:
+                t0 = time.perf_counter()
+                action, reason, detail = await self._call(
+                    "decide", dataclasses.asdict(plan), rounds_done, dataclasses.asdict(signals)
+                )
+                self.on_decision(time.perf_counter() - t0)
+                return Verdict(Action(action), Reason(reason), tuple(detail))
+            except Exception as exc:  # local ceilings hold (RoundLoop.settle)
+                log.warning("depth control unavailable (%s); deciding locally", type(exc).__name__)
+                control.local_decisions += 1
+                return None
+
+        return decide
+
+    def nodes(self, rid: str, control: Control):
+        """Per-request ToT node grants; an unreachable actor grants one child, so a search can end."""
+
+        async def grant(wanted: int) -> int:
+            # The cluster's ToT budget frees up as other expansions finish: wait a little for it
+            # (backing off) before the search has to stop or fall back to a chain.
+            deadline = asyncio.get_running_loop().time() + self.grant_wait_s
+            delay = 0.02
+            while True:
+                try:
+                    granted = int(await self._call("grant_nodes", rid, wanted))
+                except Exception:
+                    control.local_decisions += 1
+                    return min(1, wanted)
+                if granted > 0 or asyncio.get_running_loop().time() + delay > deadline:
+                    return granted
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+        async def release(n: int) -> None:
+            with contextlib.suppress(Exception):  # else the lease expires and frees the nodes
+                self.actor.release_nodes.remote(rid, n)
+
+        return grant, release
+
+    def finish(self, rid: str, key: str, record: dict | None) -> None:
+        try:
+            self.actor.finish.remote(rid, key, record)  # fire and forget: nothing waits on it
+        except Exception as exc:
+            log.warning("could not report session end (%s); its lease will expire", exc)
+
+    async def durable(self, method: str, *args):
+        """Reviews and feedback: errors become 4xx; an unreachable store is a clear 503."""
+        try:
+            # Long enough to ride out an actor restart (Ray retries the call on the new actor).
+            return await self._call(method, *args, timeout=max(self.timeout, DURABLE_TIMEOUT_S))
+        except (UnknownRequestError, ReviewNotFoundError) as exc:
+            raise ApiError(404, _user_message(exc), code="not_found") from exc
+        except (FeedbackExistsError, ReviewDecidedError) as exc:
+            raise ApiError(409, _user_message(exc), code="conflict") from exc
+        except StateError as exc:
+            raise ApiError(400, _user_message(exc)) from exc
+        except Exception as exc:
+            log.warning("depth control unavailable for %s (%s)", method, type(exc).__name__)
+            raise ApiError(
+                503,
+                "Ponder's control state is unavailable right now (depth control is restarting); "
+                "retry shortly. Nothing was lost.",
+                type_="server_error",
+                code="depth_control_unavailable",
+            ) from exc
+
+
+def _user_message(exc: StateError) -> str:
+    """The state error's own message. Raised in the actor, it arrives as Ray's RayTaskError subclass
+    of it, whose str() is the remote traceback (pids, addresses, actor ids): never shown to a client."""
+    return str(getattr(exc, "cause", None) or exc)

@@ -1,0 +1,285 @@
+"""Runs one request's reasoning loop round by round (no ray/vllm import: engine and depth control
+are injected as callables, so the router, the benchmarks and the engine tests share this code).
+
+It yields events: reasoning text, content text, one `RoundDone` per round, then `Finished`. A round
+that may end the loop on confidence is held until its verdict, so streamed `reasoning_content` and
+`content` match the non-streaming response exactly (see `round_role`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from services.loop.events import (
+    ContentDelta,
+    ContextLengthError,
+    DecideFn,
+    Event,
+    ExpandFn,
+    Finished,
+    GenerateFn,
+    GrantFn,
+    Outcome,
+    ReasoningDelta,
+    ReleaseFn,
+    RoundDone,
+    Tokenizer,
+    local_decide,
+)
+from services.loop.tot_run import run_tot
+from services.reasoning.confidence import round_confidence
+from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
+from services.reasoning.prompts import Message, round_messages
+from services.reasoning.pruning import PruneError, fit_transcript
+from services.reasoning.signals import Signals, extract_answer, stable_rounds
+from services.reasoning.tiers import Reason, RoundPlan, Verdict
+from services.worker.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
+
+__all__ = [  # the loop's types, importable from here as before
+    "ContentDelta",
+    "ContextLengthError",
+    "DecideFn",
+    "Event",
+    "ExpandFn",
+    "Finished",
+    "GenerateFn",
+    "GrantFn",
+    "Orchestrator",
+    "Outcome",
+    "ReasoningDelta",
+    "ReleaseFn",
+    "RoundDone",
+    "Tokenizer",
+    "local_decide",
+]
+
+
+def round_header(index: int) -> str:
+    return f"[round {index}: {'draft' if index == 0 else 'verify'}]\n"
+
+
+def reasoning_text(records: Sequence[RoundRecord]) -> str:
+    return "".join(f"{round_header(r.index)}{r.text}\n\n" for r in records)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        generate: GenerateFn,
+        decide: DecideFn,
+        tokenizer: Tokenizer,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        min_round_tokens: int = 16,
+        clock: Callable[[], float] = time.perf_counter,
+        expand: ExpandFn | None = None,
+    ) -> None:
+        self._generate = generate
+        self._expand = expand
+        self._decide = decide
+        self._tok = tokenizer
+        self._vocab = vocab_size
+        self._max_len = max_model_len
+        self._min_tokens = min_round_tokens
+        self._clock = clock
+        self._pending: set[asyncio.Future] = set()  # depth-control calls nobody waits for
+
+    def render(self, conversation: Sequence[Message], earlier_rounds: Sequence[str]) -> list[int]:
+        return self._tok.render(round_messages(conversation, earlier_rounds))
+
+    def fits(self, prompt: list[int]) -> bool:
+        return len(prompt) + self._min_tokens <= self._max_len
+
+    def room(self, max_tokens: int, prompt: list[int]) -> int:
+        return min(max_tokens, self._max_len - len(prompt))
+
+    def prune(
+        self, conversation: Sequence[Message], history: Sequence[str], max_tokens: int
+    ) -> tuple[list[int] | None, dict | None]:
+        """The next prompt cut to fit the context (older rounds condensed, then dropped), counted
+        with the real tokenizer; (None, None) when even the question and the latest round do not fit.
+        Tries to leave the round its full token cap first, then the least room a round needs."""
+
+        def count(messages: Sequence[Message]) -> int:
+            return len(self._tok.render(messages))
+
+        for budget in (self._max_len - max_tokens, self._max_len - self._min_tokens):
+            if budget <= 0:
+                continue
+            try:
+                p = fit_transcript(conversation, history, budget, count)
+            except PruneError:
+                continue
+            info = {"tokens": p.tokens, "condensed": list(p.condensed), "dropped": list(p.dropped)}
+            return self._tok.render(p.messages), info
+        return None, None
+
+    async def expand(
+        self, request_id: str, prompt: list[int], spec: SamplingSpec, n: int
+    ) -> list[GenerateResult]:
+        assert self._expand is not None
+        return await self._expand(request_id, prompt, spec, n)
+
+    def first_prompt(self, conversation: Sequence[Message]) -> list[int]:
+        """Round 0's prompt; raises ContextLengthError when it leaves no room for an answer."""
+        ids = self._tok.render(round_messages(conversation, []))
+        if len(ids) + self._min_tokens > self._max_len:
+            raise ContextLengthError(len(ids), self._max_len, self._min_tokens)
+        return ids
+
+    async def run(
+        self,
+        request_id: str,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        sampling: SamplingSpec,
+        first_prompt: list[int] | None = None,
+        *,
+        decide: DecideFn | None = None,
+        grant_nodes: GrantFn | None = None,
+        release_nodes: ReleaseFn | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run the loop; `first_prompt` is round 0's prompt when the caller already checked it.
+        `decide` overrides the orchestrator's DecideFn for this request; ToT asks `grant_nodes` before
+        every expansion (default: everything wanted is granted)."""
+        prompt = first_prompt if first_prompt is not None else self.first_prompt(conversation)
+        if plan.strategy == "tot":
+            if self._expand is None:
+                raise ValueError("strategy 'tot' needs an engine that expands n children (expand=)")
+            events = run_tot(
+                self, request_id, conversation, plan, sampling, prompt, grant_nodes, release_nodes, decide
+            )
+        else:
+            events = self._chain(request_id, conversation, plan, sampling, prompt, decide or self._decide)
+        async for ev in events:
+            yield ev
+
+    async def _chain(
+        self,
+        request_id: str,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        sampling: SamplingSpec,
+        prompt: list[int],
+        decide: DecideFn,
+    ) -> AsyncIterator[Event]:
+        """The chain of rounds: draft, then verify until depth control (within the guards) says exit."""
+        loop = RoundLoop(plan)
+        pruned: dict | None = None  # how the coming round's prompt was cut to fit, if it was
+        while True:
+            index = loop.next_index
+            role = round_role(plan, index)
+            spec = dataclasses.replace(
+                sampling,
+                max_tokens=min(sampling.max_tokens, self._max_len - len(prompt)),
+                kv_tags=round_tags(sampling, index),
+            )
+            if role is StreamRole.REASONING:
+                yield ReasoningDelta(round_header(index))
+            acc = Accumulator()
+            start = self._clock()
+            async for delta in self._generate(f"{request_id}-r{index}", prompt, spec):
+                acc.add(delta, (self._clock() - start) * 1000.0)
+                if delta.text and role is not StreamRole.UNDECIDED:
+                    yield (ContentDelta if role is StreamRole.FINAL else ReasoningDelta)(delta.text)
+            record = self.record(index, acc, prompt, (self._clock() - start) * 1000.0, loop.rounds)
+            record.pruned = pruned
+            verdict, next_prompt, pruned = await self._settle(
+                loop, record, conversation, plan, decide, sampling
+            )
+            if next_prompt is not None:
+                prompt = next_prompt
+            for event in _settled_text(role, record, loop.done):
+                yield event
+            yield RoundDone(record, verdict)
+            if loop.done:
+                break
+        assert loop.exit_reason is not None
+        yield Finished(
+            Outcome(plan, loop.rounds, loop.exit_reason, loop.final.text, reasoning_text(loop.earlier))
+        )
+
+    async def _settle(
+        self,
+        loop: RoundLoop,
+        record: RoundRecord,
+        conversation: Sequence[Message],
+        plan: RoundPlan,
+        decide: DecideFn,
+        sampling: SamplingSpec,
+    ) -> tuple[Verdict, list[int] | None, dict | None]:
+        """Settle a finished round: its verdict, and (unless it was the last) the next prompt and
+        how it was pruned to fit. Ends the loop on context_limit when nothing fits."""
+        history = [*(r.text for r in loop.rounds), record.text]
+        assert record.signals is not None
+        asked = asyncio.ensure_future(decide(plan, record.index + 1, record.signals))
+        next_prompt: list[int] | None = None
+        if loop.guarded(record.signals):
+            # The local guard fixes this round's outcome (min_rounds or ceiling): depth control
+            # is told, but nothing waits for an answer that cannot change it.
+            self._pending.add(asked)
+            asked.add_done_callback(self._pending.discard)
+            remote = None
+        else:
+            # Render the next prompt while the actor answers: the two overlap.
+            next_prompt = self._tok.render(round_messages(conversation, history))
+            remote = await asked
+        verdict = loop.settle(record, remote)
+        if verdict.exit:
+            return verdict, None, None
+        prompt = next_prompt or self._tok.render(round_messages(conversation, history))
+        if self.fits(prompt):
+            return verdict, prompt, None
+        pruned_prompt, pruned = self.prune(conversation, history, sampling.max_tokens)
+        if pruned_prompt is None:
+            loop.stop(Reason.CONTEXT)
+        return verdict, pruned_prompt, pruned
+
+    def record(
+        self,
+        index: int,
+        acc: Accumulator,
+        prompt: list[int],
+        latency_ms: float,
+        earlier: Sequence[RoundRecord],
+    ) -> RoundRecord:
+        text = "".join(acc.text)
+        confidence = round_confidence(text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode)
+        answer = extract_answer(text)
+        # Entropy confidence over the answer span (as `confidence`); DeepConf signals over the round.
+        signals = dataclasses.replace(
+            Signals.compute(acc.logprobs, self._vocab),
+            entropy_confidence=confidence,
+            stable_rounds=stable_rounds([*(r.answer for r in earlier), answer]),
+        )
+        return RoundRecord(
+            index=index,
+            text=text,
+            prompt_tokens=acc.prompt_tokens or len(prompt),
+            completion_tokens=len(acc.token_ids),
+            cached_tokens=acc.cached_tokens,
+            kv_loaded_tokens=acc.kv_loaded_tokens,
+            worker=acc.worker,
+            confidence=confidence,
+            latency_ms=latency_ms,
+            ttft_ms=acc.ttft_ms,
+            signals=signals,
+            answer=answer,
+            finish_reason=acc.finish_reason or "stop",
+        )
+
+
+def _settled_text(role: StreamRole, record: RoundRecord, last: bool) -> list[Event]:
+    """What to emit once a round's verdict is known, given what was already streamed."""
+    if role is StreamRole.UNDECIDED:
+        if last:
+            return [ContentDelta(record.text)]
+        return [ReasoningDelta(round_header(record.index) + record.text + "\n\n")]
+    if role is StreamRole.REASONING:
+        # Streamed as reasoning; only a context stop makes such a round the last one.
+        return [ReasoningDelta("\n\n")] + ([ContentDelta(record.text)] if last else [])
+    return []
