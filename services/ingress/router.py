@@ -19,10 +19,10 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from services.ingress import access, responses
 from services.config import AppConfig
 from services.control.client import Control, DepthClient
 from services.control.depth_control import get_or_create
+from services.ingress import access, responses
 from services.ingress.api import (
     ERROR_RESPONSES,
     ApiError,

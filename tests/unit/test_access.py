@@ -9,8 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from cluster import cli
-from services.ingress import access
 from services.config import DEFAULT_CONFIG, AppConfig, AuthConfig
+from services.ingress import access
 from services.ingress.api import install_error_handlers
 from services.ingress.auth import KeyEntry, KeyRing, hash_key
 from services.ingress.metrics import log_request
