@@ -108,12 +108,16 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
 
     path = str(ensure_model(DEFAULT_MODEL))
     slot = slot_bytes_for(block_payload_bytes(path, CHUNK))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ponder", log_to_driver=False)
+    kv_namespace = KvConnectorConfig.model_fields["namespace"].default  # where the connector looks
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, namespace=kv_namespace, log_to_driver=False
+    )
     engine = None
     try:
         (shard,) = start_shards(
             ShardConfig(ram_slots=(PREFIX // CHUNK + 2) * (trials + 1), slot_bytes=slot),
             [ray.get_runtime_context().get_node_id()],
+            kv_namespace,
         ).values()
         ray.get(shard.stats.remote())  # the shard is up before the engine looks for it
         kv = KvConnectorConfig(

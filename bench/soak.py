@@ -127,19 +127,25 @@ class Load:
 class Sampler(threading.Thread):
     """Samples every Ponder process's RSS until stopped; prints a progress line now and then."""
 
-    def __init__(self, load: Load, sample_s: float, progress_s: float, log=print) -> None:
+    def __init__(self, load: Load, names, sample_s: float, progress_s: float, log=print) -> None:
         super().__init__(daemon=True)
-        self.load, self.sample_s, self.progress_s, self.log = load, sample_s, progress_s, log
+        self.load, self.names, self.sample_s, self.progress_s, self.log = (
+            load,
+            names,
+            sample_s,
+            progress_s,
+            log,
+        )
         self.ticks: list[dict] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        actors, last_progress = probe.ponder_actors(), 0.0
+        actors, last_progress = probe.ponder_actors(self.names), 0.0
         while not self.stop.is_set():
             t = time.monotonic() - self.load.t0
             procs = probe.memory(actors)
             if len(procs) < len(actors):  # an actor restarted or moved: look them up again
-                actors = probe.ponder_actors()
+                actors = probe.ponder_actors(self.names)
             self.ticks.append({"t": round(t, 2), "procs": procs})
             if t - last_progress >= self.progress_s:
                 last_progress = t
@@ -150,11 +156,11 @@ class Sampler(threading.Thread):
             self.stop.wait(self.sample_s)
 
 
-def settle(address: str, baseline: dict, seconds: float) -> dict:
+def settle(address: str, names, baseline: dict, seconds: float) -> dict:
     """Cluster state once the sessions' ends have landed (they are fire-and-forget) or time is up."""
     deadline = time.monotonic() + seconds
     while True:
-        state = probe.cluster_state(address)
+        state = probe.cluster_state(address, names)
         quiet = not stats.depth_check(baseline["depth_control"], state["depth_control"]) and not (
             stats.store_check(baseline["kv_shards"], state["kv_shards"])
         )
@@ -183,11 +189,11 @@ def run(cfg, url: str, args: argparse.Namespace, metrics_port: int, log=print) -
     """The load and the checks against an app serving at `url` (this process joined its cluster)."""
     if urlparse(url).hostname not in LOOPBACK:
         raise ValueError(f"the soak drives loopback only; got {url}")
-    before = probe.cluster_state(args.address)
+    before = probe.cluster_state(args.address, cfg.depth_control)
     before["state_file_bytes"] = probe.state_file_bytes(cfg.depth_control.state_dir)
     before["engine"] = engine_state(cfg, metrics_port, after=False)
     load = Load(url, cfg.engine.model, args.sessions, args.seed, args.max_tokens, args.api_key)
-    sampler = Sampler(load, args.sample_s, args.progress_s, log)
+    sampler = Sampler(load, cfg.depth_control, args.sample_s, args.progress_s, log)
     log(f"load: {args.sessions} sessions for {args.minutes} min (warm-up {args.warmup_s:g} s excluded)")
     threads = load.start(args.minutes * 60.0)
     sampler.start()
@@ -198,7 +204,7 @@ def run(cfg, url: str, args: argparse.Namespace, metrics_port: int, log=print) -
     elapsed = time.monotonic() - load.t0
     log(f"load done: {len(load.done)} requests in {elapsed:.0f} s; waiting for the accounting to settle")
     engine = engine_state(cfg, metrics_port, after=True)  # first: its gauges go stale when idle
-    after = settle(args.address, before, args.settle_s)
+    after = settle(args.address, cfg.depth_control, before, args.settle_s)
     after["engine"] = engine
     after["state_file_bytes"] = probe.state_file_bytes(cfg.depth_control.state_dir)
     return report(args, load.done, sampler.ticks, before, after, elapsed)
@@ -267,7 +273,12 @@ def main(args: argparse.Namespace) -> int:
         import ray
 
         if not ray.is_initialized():  # a caller already on that cluster (the test suite) keeps its connection
-            ray.init(address=args.address, namespace="ponder", log_to_driver=False, logging_level="ERROR")
+            ray.init(
+                address=args.address,
+                namespace=cfg.depth_control.namespace,
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
         res = run(cfg, args.url, args, args.metrics_port)
     else:
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-from kvstore.shard.client import NAMESPACE, SHARD_PREFIX
+from kvstore.shard.client import SHARD_PREFIX
+from kvstore.shard.keeper import keeper_name
+from services.config import DepthControlConfig
 
 TIMEOUT_S = 10.0
 SERVE_NAMESPACE = "serve"
@@ -21,8 +23,9 @@ VLLM_GAUGES = {  # vLLM metric (Ray prefix) -> key; summed over workers (usage: 
 }
 
 
-def role_of(name: str, namespace: str, depth_control: str = "ponder-depth-control") -> str | None:
-    """A Ponder process's role from its named actor; None for actors that are not Ponder's."""
+def role_of(name: str, namespace: str, names: DepthControlConfig) -> str | None:
+    """A Ponder process's role from its named actor; None for actors that are not Ponder's.
+    `names`: the app config's depth_control section (its actor's name; its namespace, the shards')."""
     if namespace == SERVE_NAMESPACE:
         if name == "SERVE_CONTROLLER_ACTOR":
             return "serve-controller"
@@ -32,24 +35,27 @@ def role_of(name: str, namespace: str, depth_control: str = "ponder-depth-contro
             if deployment in name:
                 return role
         return None
-    if namespace == NAMESPACE and name.startswith(SHARD_PREFIX):
+    if namespace != names.namespace:
+        return None
+    if name.startswith(SHARD_PREFIX):
         return "kv-shard"
-    if namespace == NAMESPACE and name == depth_control:
-        return "depth-control"
-    return None
+    singles = {names.name: "depth-control", names.records_name: "control-records"}
+    singles[keeper_name(names.namespace)] = "kv-keeper"
+    return singles.get(name)
 
 
-def ponder_actors(depth_control: str = "ponder-depth-control") -> list[tuple[str, str, str]]:
+def ponder_actors(names: DepthControlConfig) -> list[tuple[str, str, str]]:
     """(key, name, namespace) of every live Ponder actor; the key is its role plus a short id."""
     import ray
 
     out = []
     for a in ray.util.list_named_actors(all_namespaces=True):
-        role = role_of(a["name"], a.get("namespace", ""), depth_control)
+        role = role_of(a["name"], a.get("namespace", ""), names)
         if role is None:
             continue
         tail = a["name"].rsplit("#", 1)[-1] if "#" in a["name"] else a["name"].rsplit("-", 1)[-1]
-        key = role if role in ("serve-controller", "depth-control") else f"{role}:{tail[:8]}"
+        single = ("serve-controller", "depth-control", "control-records", "kv-keeper")
+        key = role if role in single else f"{role}:{tail[:8]}"
         out.append((key, a["name"], a.get("namespace", "")))
     return sorted(out)
 
@@ -89,12 +95,12 @@ def memory(actors: list[tuple[str, str, str]]) -> dict[str, dict]:
     return out
 
 
-def cluster_state(address: str = "auto") -> dict:
+def cluster_state(address: str, names: DepthControlConfig) -> dict:
     """KV shards' stats and depth control's, as `ponder status` collects them (without the
     per-shard event counters, which only grow)."""
     from cluster.status import collect
 
-    s = collect(address)
+    s = collect(address, names)
     shards = [{k: v for k, v in sh.items() if k != "events"} for sh in s["kv_shards"]]
     return {"kv_shards": shards, "depth_control": s["depth_control"], "workers": s["workers"]}
 
@@ -136,7 +142,7 @@ def engine_stats(app_name: str, replicas: int) -> dict:
 def state_file_bytes(state_dir: str | None) -> dict | None:
     """Sizes of depth control's SQLite file and its write-ahead log, when they are on this machine
     (the log is reused after each checkpoint: its size is bounded; the file's grows with requests)."""
-    from services.control.depth_control import STATE_FILE
+    from services.control.records import STATE_FILE
 
     if not state_dir or not os.path.exists(os.path.join(state_dir, STATE_FILE)):
         return None

@@ -101,8 +101,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from cluster.status import main
 
+    names = load_config(args.config).depth_control  # the actors' names and namespace
     try:
-        print(main(args.address, args.json))
+        print(main(args.address, args.json, names))
     except (ConnectionError, OSError) as exc:  # OSError: the TCP probe (refused, timed out, no route)
         raise CliError(f"no Ray cluster at {args.address!r}: {exc}") from exc
     return 0
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="summary of a running cluster: nodes, workers, KV shards, budgets")
     st.add_argument("--address", default="auto", help="Ray cluster address (default: the local one)")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.add_argument("--config", default=str(DEFAULT_CONFIG), help="the app config it serves (actor names)")
     st.set_defaults(func=cmd_status)
 
     from cluster.models import add_models_parser

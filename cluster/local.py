@@ -40,10 +40,12 @@ def deploy(cfg: AppConfig, progress: Callable[[str], None] = print) -> None:
     from ray import serve
 
     from services.app import build_app
+    from services.provision import provision
 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     progress("deploying router, reasoning worker and depth control (the engine takes ~30-60 s)...")
     t0 = time.monotonic()
+    provision(cfg)  # depth control, records and the KV shards before any replica looks for them
     try:
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
     except RuntimeError as exc:

@@ -11,7 +11,8 @@ import json
 import socket
 from typing import Any
 
-from kvstore.shard.client import NAMESPACE, SHARD_PREFIX
+from kvstore.shard.client import SHARD_PREFIX
+from services.config import DepthControlConfig
 
 TIMEOUT_S = 5.0
 WORKER = "ReasoningWorker"
@@ -54,26 +55,26 @@ def _workers() -> list[dict]:
     return sorted(out, key=lambda w: w["replica"])
 
 
-def _shards() -> list[dict]:
+def _shards(namespace: str) -> list[dict]:
     import ray
 
     out = []
     for a in ray.util.list_named_actors(all_namespaces=True):
-        if a.get("namespace") != NAMESPACE or not a["name"].startswith(SHARD_PREFIX):
+        if a.get("namespace") != namespace or not a["name"].startswith(SHARD_PREFIX):
             continue
         try:
-            st = _get(ray.get_actor(a["name"], namespace=NAMESPACE).stats.remote())
+            st = _get(ray.get_actor(a["name"], namespace=namespace).stats.remote())
             out.append({"shard": a["name"].removeprefix(SHARD_PREFIX), **st})
         except Exception as exc:
             out.append({"shard": a["name"].removeprefix(SHARD_PREFIX), "error": type(exc).__name__})
     return sorted(out, key=lambda s: s["shard"])
 
 
-def _depth(name: str) -> dict:
+def _depth(names: DepthControlConfig) -> dict:
     import ray
 
     try:
-        return _get(ray.get_actor(name, namespace=NAMESPACE).stats.remote())
+        return _get(ray.get_actor(names.name, namespace=names.namespace).stats.remote())
     except Exception as exc:
         return {"error": type(exc).__name__}
 
@@ -89,17 +90,20 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
         pass
 
 
-def collect(address: str, depth_control: str = "ponder-depth-control") -> dict:
+def collect(address: str, names: DepthControlConfig | None = None) -> dict:
+    """`names`: the app config's depth_control section (actor name and namespace, which the KV
+    shards share); the defaults when omitted."""
     import ray
 
+    names = names or DepthControlConfig()
     if not ray.is_initialized():
         check_reachable(address)
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, namespace=names.namespace, log_to_driver=False, logging_level="ERROR")
     return {
         "nodes": _nodes(),
         "workers": _workers(),
-        "kv_shards": _shards(),
-        "depth_control": _depth(depth_control),
+        "kv_shards": _shards(names.namespace),
+        "depth_control": _depth(names),
     }
 
 
@@ -146,6 +150,6 @@ def render(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(address: str, as_json: bool = False) -> str:
-    s = collect(address)
+def main(address: str, as_json: bool = False, names: DepthControlConfig | None = None) -> str:
+    s = collect(address, names)
     return json.dumps(s, indent=2, default=str) if as_json else render(s)

@@ -6,11 +6,14 @@ slots and returns what to copy, `complete_*(ok)` commits or rolls back, so a fai
 the index pointing at bytes that are not there.
 
 Retention, most expendable first (each class in least-recently-used order):
-  0 doomed   blocks of pruned Tree-of-Thought branches, of early-exited or finished sessions
+  0 doomed   blocks of early-exited or finished sessions (a Tree-of-Thought search's pruned branches
+             are not told apart: a node's children share one engine request, so one set of tags;
+             they go with the session's exit)
   1 idle     sessions not touched within the retention window
   2 old      rounds n-2 and older of a session whose current round is n
   3 hot      the current and the previous round
-RAM makes room by demoting to disk (classes 1-3) or dropping (class 0); disk makes room by dropping.
+RAM makes room, when a put needs it, by demoting to disk (classes 1-3) or dropping (class 0); disk
+makes room by dropping.
 Pinned blocks (being read) never move.
 
 Session entries are bounded too: an exited session is forgotten when its last block leaves (at once if
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 EVENTS_KEPT = 4096
@@ -57,14 +60,12 @@ class Block:
     state: State = State.PENDING
     refs: int = 0
     last_used: float = 0.0
-    target_slot: int | None = None  # the disk slot of a demotion in flight
 
 
 @dataclass
 class Session:
     current_round: int = 0
     seen: float = 0.0
-    pruned_branches: set[str] = field(default_factory=set)
     exited: bool = False
     blocks: int = 0  # blocks in the index tagged with this session
 
@@ -109,7 +110,7 @@ class KvCore:
 
     def retention(self, b: Block, now: float) -> Retention:
         s = self.sessions.get(b.session)
-        if s is None or s.exited or b.branch in s.pruned_branches:
+        if s is None or s.exited:
             return Retention.DOOMED
         if now - s.seen > self.window:
             return Retention.IDLE
@@ -133,9 +134,6 @@ class KvCore:
     def mark_round(self, session: str, round_: int, now: float) -> None:
         s = self._session(session, now)
         s.current_round = max(s.current_round, round_)
-
-    def mark_branch_pruned(self, session: str, branch: str, now: float) -> None:
-        self._session(session, now).pruned_branches.add(branch)
 
     def mark_exited(self, session: str, now: float) -> None:
         """The session's loop exited early: its trace is kept only while nothing else needs room."""
@@ -231,32 +229,6 @@ class KvCore:
         else:
             self._drop(b, "demote_failed")
 
-    def plan_demotions(self, now: float, limit: int) -> list[Move]:
-        """Proactive moves of old-round and idle RAM blocks to free disk slots (two-phase)."""
-        moves = []
-        for h in self.eviction_order(Tier.RAM, now):
-            b = self.blocks[h]
-            if len(moves) >= limit or not self.free.get(Tier.DISK):
-                break
-            if self.retention(b, now) in (Retention.IDLE, Retention.OLD):
-                dst = heapq.heappop(self.free[Tier.DISK])
-                moves.append(Move(h, (Tier.RAM, b.slot), (Tier.DISK, dst)))
-                b.target_slot, b.state = dst, State.MOVING
-        return moves
-
-    def complete_move(self, move: Move, ok: bool) -> None:
-        """Commit or roll back a planned demotion (plan_demotions)."""
-        b = self.blocks.get(move.hash)
-        if b is None or b.state is not State.MOVING or b.target_slot != move.dst[1]:
-            return
-        if ok:
-            heapq.heappush(self.free[Tier.RAM], b.slot)
-            b.tier, b.slot = Tier.DISK, move.dst[1]
-            self._event("demote", b.hash, "ram->disk")
-        else:
-            heapq.heappush(self.free[Tier.DISK], move.dst[1])
-        b.state, b.target_slot = State.READY, None
-
     # --- gets --------------------------------------------------------------------------------
 
     def lookup_prefix(self, hashes: list[str]) -> int:
@@ -280,13 +252,6 @@ class KvCore:
             out.append((h, b.tier, b.slot))
         return out
 
-    def unpin(self, hashes: list[str]) -> None:
-        """Release pins taken by prepare_get for blocks that were not read after all (no event)."""
-        for h in hashes:
-            b = self.blocks.get(h)
-            if b is not None and b.refs:
-                b.refs -= 1
-
     def complete_get(self, hashes: list[str], ok: bool) -> None:
         """Unpin; a failed read (bad checksum, short read) drops the block: it is recomputed."""
         for h in hashes:
@@ -303,8 +268,6 @@ class KvCore:
     def _drop(self, b: Block, reason: str) -> None:
         del self.blocks[b.hash]
         heapq.heappush(self.free[b.tier], b.slot)
-        if b.target_slot is not None:
-            heapq.heappush(self.free[Tier.DISK], b.target_slot)
         s = self.sessions.get(b.session)
         if s is not None:
             s.blocks -= 1

@@ -17,6 +17,7 @@ def connector_config(cfg: AppConfig) -> KvConnectorConfig | None:
         return None
     return KvConnectorConfig(
         model=cfg.engine.model,
+        namespace=cfg.depth_control.namespace,  # where the shard keeper names the shards
         timeout_s=kv.timeout_s,
         transport=kv.transport,
         prefill_tokens_per_s=kv.prefill_tokens_per_s,
@@ -40,7 +41,8 @@ def worker_routing(cfg: AppConfig) -> dict:
 
 
 def build_app(cfg: AppConfig) -> Application:
-    """Router → reasoning workers; the depth-control actor is created by the first router."""
+    """Router → reasoning workers: the deployments only. The cluster-wide actors they find by name
+    (depth control, records, KV shards) are created by `services.provision.provision`."""
     if not cfg.engine.model_path:
         raise ValueError("engine.model_path is not set: resolve the model first (ponder models pull)")
     engine = cfg.engine.model_copy(update={"kv_connector": connector_config(cfg)})
@@ -60,8 +62,13 @@ IMPORT_PATH = "services.app:app_builder"
 
 
 def app_builder(args: dict) -> Application:
-    """Entry point for `serve run services.app:app_builder config=PATH` and for KubeRay's
-    serveConfigV2, whose args carry the config inline as `app` (deploy/helm/ponder)."""
+    """Entry point for KubeRay's serveConfigV2, whose args carry the config inline as `app`
+    (deploy/helm/ponder), and for `serve deploy` of a config naming it (`config=PATH`).
+
+    Serve builds those on the running cluster, so this is application start-up: it provisions the
+    cluster-wide actors. Offline (no Ray connection: `serve build`, chart rendering) it only builds.
+    `serve run services.app:app_builder` imports builders before it connects, so it cannot
+    provision: use `ponder serve`, or `serve run` a Serve config file."""
     unknown = set(args) - {"config", "app"}
     if unknown or ("config" in args and "app" in args):
         raise ValueError(
@@ -79,6 +86,12 @@ def app_builder(args: dict) -> Application:
                 f"engine.model_path is not set: run `ponder models pull {cfg.engine.model}` first"
             )
         cfg.engine.model_path = str(found)
+    import ray
+
+    if ray.is_initialized():
+        from services.provision import provision
+
+        provision(cfg)
     return build_app(cfg)
 
 

@@ -1,5 +1,5 @@
 """Typed application config, loaded from `configs/*.yaml`. One model feeds every part: the local
-`ponder serve`, the Serve app builder, and (later) the Helm chart's serveConfigV2."""
+`ponder serve`, the Serve app builder and the Helm chart's serveConfigV2."""
 
 from __future__ import annotations
 
@@ -58,7 +58,12 @@ class RouterConfig(_Strict):
 
 class DepthControlConfig(_Strict):
     name: str = Field("ponder-depth-control", description="Name of the depth-control actor.")
-    namespace: str = Field("ponder", description="Ray namespace of Ponder's named actors.")
+    records_name: str = Field(
+        "ponder-control-records", description="Name of the actor holding reviews, feedback, thresholds."
+    )
+    namespace: str = Field(
+        "ponder", description="Ray namespace of Ponder's named actors (depth control, records, KV shards)."
+    )
     tiers_file: str = Field("tiers.yaml", description="Tier table; relative to the config file.")
     domains_file: str = Field(
         "domains.yaml", description="Per-domain exit thresholds; relative to the config file."

@@ -25,6 +25,7 @@ are committed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -34,7 +35,7 @@ from collections import Counter
 import numpy as np
 
 from kvstore.connector.config import KvConnectorConfig
-from kvstore.shard.client import SHARD_PREFIX, StoreClient
+from kvstore.shard.client import StoreClient, find_shards
 from kvstore.shard.shard import BlockMeta, Shard, ShardConfig
 from kvstore.transport.leases import ReadLease, WriteLease, nothing
 from kvstore.transport.memory import host_buffer
@@ -89,7 +90,7 @@ class LocalStore:
     """One in-process shard behind the store interface; leases are views of its RAM pool (no copy)."""
 
     def __init__(self, slots: int, slot_bytes: int, pin: bool = False) -> None:
-        self.shard = Shard(ShardConfig(ram_slots=slots, slot_bytes=slot_bytes, transport="bytes"), pin=pin)
+        self.shard = Shard(ShardConfig(ram_slots=slots, slot_bytes=slot_bytes, transport="ray"), pin=pin)
         self._lock = threading.Lock()  # the save thread and the step share the shard
         self.inflight = InFlight()
 
@@ -143,9 +144,9 @@ class LocalStore:
         with self._lock:
             self.shard.report_corrupt(hashes)
 
-    def notify(self, session: str, method: str, *args) -> None:
+    def mark_round(self, session: str, round_: int) -> None:
         with self._lock:
-            getattr(self.shard, method)(*args)
+            self.shard.mark_round(session, round_)
 
 
 class RayStore(StoreClient):
@@ -158,10 +159,10 @@ class RayStore(StoreClient):
             t0 = time.perf_counter()
             ray.init(address=cfg.ray_address or "auto", namespace=cfg.namespace, log_to_driver=False)
             log.info("engine process joined the Ray cluster in %.1f s", time.perf_counter() - t0)
-        self.namespace, self.refresh_s, self.pin = cfg.namespace, refresh_s, pin
-        super().__init__(self._discover(), timeout_s=cfg.timeout_s)
+        self.namespace, self.pin = cfg.namespace, pin
+        discover = functools.partial(find_shards, cfg.namespace)
+        super().__init__(discover(), timeout_s=cfg.timeout_s, discover=discover, refresh_s=refresh_s)
         self.inflight = InFlight(cfg.timeout_s)
-        self._seen = time.monotonic()
         self.nixl = None
         if cfg.transport == "nixl":
             from kvstore.transport.client import NixlClient
@@ -170,29 +171,6 @@ class RayStore(StoreClient):
                 f"engine-{os.getpid()}", staging_bytes=cfg.staging_bytes, timeout_s=cfg.timeout_s, pin=pin
             )
             self.nixl = client if client.one_sided else None  # no NIXL here: every shard over Ray
-
-    def _discover(self) -> dict[str, object]:
-        import ray
-        from ray.util import list_named_actors
-
-        names = [
-            a["name"]
-            for a in list_named_actors(all_namespaces=True)
-            if a.get("namespace") == self.namespace and a["name"].startswith(SHARD_PREFIX)
-        ]
-        handles = {}
-        for name in sorted(names):
-            try:
-                handles[name] = ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                continue  # died between listing and lookup
-        return handles
-
-    def _call(self, session: str, method: str, *args, default):
-        if time.monotonic() - self._seen > self.refresh_s:
-            self._seen = time.monotonic()
-            self.replace_shards(self._discover())
-        return super()._call(session, method, *args, default=default)
 
     def get(self, session: str, hashes: list[str]) -> list[bytes]:
         lease = self.read(session, hashes)

@@ -130,7 +130,7 @@ class PonderKVConnector(KVConnectorBase_V1):
         tokens = lambda r=request: r.all_token_ids  # noqa: E731 - live: grows as the request decodes
         if tags is not None and self.planner.new_round(tags):
             # Retention: the shard keeps this round and the previous one hot, demotes older ones.
-            self.store.notify(tags.session, "mark_round", tags.session, tags.round)
+            self.store.mark_round(tags.session, tags.round)
         n = self.planner.match(request.request_id, tags, tokens, num_computed_tokens)
         if tags is not None:
             result = "hit" if n else self.planner.decision(request.request_id)

@@ -1,6 +1,6 @@
 """The shard as a Ray actor: `Shard` plus its Prometheus metrics (Ray's metrics API, `ray_ponder_kv_*`).
 
-`publish` is called periodically by the router (kvstore metrics must be re-set: Ray drops a gauge
+`publish` is called periodically by the shard keeper (kvstore metrics must be re-set: Ray drops a gauge
 ~25 s after its last set) and runs on the actor's own thread like every other call, so it never
 reads the index while a put changes it.
 """

@@ -6,7 +6,7 @@ never interprets, unpickles or executes what it stores. A failed copy rolls its 
 the index never points at bytes that are not there.
 
 One-sided data path (kvstore/transport/client.py): `transport_metadata` registers the RAM pool with NIXL
-(or BytesTransport with `transport: bytes`) and returns the handshake bytes. Only offsets cross Ray:
+(or BytesTransport with `transport: ray`) and returns the handshake bytes. Only offsets cross Ray:
 - reads: `pin_for_read` pins the stored leading RAM-tier prefix and returns (hash, pool offset of the
   encoded block, length); the reader READs the spans, then `finish_read(ok)` unpins (ok=False drops
   them as corrupt). Disk-tier blocks stop the prefix: the reader fetches the rest with `get`.
@@ -53,8 +53,8 @@ class ShardConfig(BaseModel):
     slot_bytes: int = Field(ge=4096, description="Bytes per slot (kvstore.shard.pool.slot_bytes_for).")
     disk_path: str | None = Field(None, description="Preallocated slot file of the disk tier.")
     retention_window_s: float = Field(600.0, gt=0, description="Idle sessions' blocks go first after this.")
-    transport: Literal["nixl", "bytes"] = Field(
-        "nixl", description="How clients reach the RAM pool: nixl = one-sided READ/WRITE, bytes = Ray calls."
+    transport: Literal["nixl", "ray"] = Field(
+        "nixl", description="How clients reach the RAM pool: nixl = one-sided READ/WRITE, ray = Ray calls."
     )
     lease_s: float = Field(
         30.0, gt=0, description="A read pin or write reservation not finished within this is released."
@@ -221,9 +221,6 @@ class Shard:
     def mark_round(self, session: str, round_: int) -> None:
         self.core.mark_round(session, round_, self.clock())
 
-    def mark_branch_pruned(self, session: str, branch: str) -> None:
-        self.core.mark_branch_pruned(session, branch, self.clock())
-
     def mark_exited(self, session: str) -> None:
         self.core.mark_exited(session, self.clock())
 
@@ -251,7 +248,7 @@ class Shard:
     def transport_metadata(self) -> bytes:
         """The handshake for clients (kvstore/transport/base.py's metadata); registers the pool once.
 
-        With `transport: bytes`, or where NIXL cannot start, it is BytesTransport's (no NIXL part):
+        With `transport: ray`, or where NIXL cannot start, it is BytesTransport's (no NIXL part):
         clients then move this shard's blocks with `get`/`put`.
         """
         if self.transport is None:

@@ -19,7 +19,7 @@ The store is a cache, so nothing here raises for a shard or transport problem: a
 falls back to the shard's Ray-bytes `get`/`put` (logged once per shard; the shard is retried one-sided
 after `retry_s`), a shard that cannot be reached is a miss (`[]`, `0`). A batch larger than the
 staging buffer grows it (re-registering; up to `max_staging_bytes`) or goes over Ray. Without NIXL
-importable, or against a shard with `transport: bytes`, everything goes over Ray.
+importable, or against a shard with `transport: ray`, everything goes over Ray.
 
 A shard handle is a Ray actor handle (methods called with `.remote`) or, for tests and single-process
 use, a plain `kvstore.shard.shard.Shard`.

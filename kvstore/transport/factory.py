@@ -30,7 +30,8 @@ def nixl_missing() -> str | None:
 
 
 def make_transport(name: str, prefer: str = "nixl", progress_thread: bool = True) -> Transport:
-    """NIXL (UCX) when asked for and importable, else BytesTransport; NIXL is imported only here.
+    """NIXL (UCX) when asked for (`nixl`) and importable, else BytesTransport (`ray`: bytes in Ray
+    calls, the same word as the config's `kvstore.transport`); NIXL is imported only here.
     `progress_thread=False` for a process that only initiates transfers (see NixlTransport)."""
     if prefer == "nixl":
         try:
@@ -39,6 +40,6 @@ def make_transport(name: str, prefer: str = "nixl", progress_thread: bool = True
             log.warning("NIXL not importable (%s): falling back to BytesTransport", e)
         else:
             return NixlTransport(name, progress_thread)
-    elif prefer != "bytes":
-        raise ValueError(f"unknown transport {prefer!r} (nixl or bytes)")
+    elif prefer != "ray":
+        raise ValueError(f"unknown transport {prefer!r} (nixl or ray)")
     return BytesTransport(name)

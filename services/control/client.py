@@ -1,6 +1,7 @@
-"""The router's side of the depth-control actor: calls with timeouts, the local fallback, and actor
-errors mapped to OpenAI-shaped HTTP errors. Decisions degrade to local hard ceilings when the actor is
-unreachable; durable operations (reviews, feedback) fail with a clear 503 instead, never silently."""
+"""The router's side of the control plane's two actors: calls with timeouts, the local fallback, and
+actor errors mapped to OpenAI-shaped HTTP errors. `DepthClient` (admissions, verdicts, ToT nodes)
+degrades to local hard ceilings when depth control is unreachable; `RecordsClient` (reviews,
+feedback, domains) fails with a clear 503 instead, never silently."""
 
 from __future__ import annotations
 
@@ -64,14 +65,16 @@ class DepthClient:
         self.grant_wait_s = grant_wait_s
         self.on_decision = on_decision  # the decide call's latency, for metrics
 
-    async def _call(self, method: str, *args, timeout: float | None = None):
-        return await asyncio.wait_for(getattr(self.actor, method).remote(*args), timeout or self.timeout)
+    async def _call(self, call, timeout: float | None = None):
+        return await asyncio.wait_for(call, timeout or self.timeout)
 
     async def admit(self, rid: str, key: str, plan: RoundPlan, control: Control) -> dict | None:
         """The actor's admission (granted ceilings, domain threshold), or None when unreachable."""
         try:
             return await self._call(
-                "admit", rid, key, plan.tier, plan.min_rounds, plan.max_rounds, plan.domain or ""
+                self.actor.admit.remote(
+                    rid, key, plan.tier, plan.min_rounds, plan.max_rounds, plan.domain or ""
+                )
             )
         except Exception as exc:  # unreachable or restarting: the plan's own ceilings hold
             log.warning("depth control unavailable at admission (%s)", type(exc).__name__)
@@ -85,7 +88,9 @@ class DepthClient:
             try:
                 t0 = time.perf_counter()
                 action, reason, detail = await self._call(
-                    "decide", dataclasses.asdict(plan), rounds_done, dataclasses.asdict(signals)
+                    self.actor.decide.remote(
+                        dataclasses.asdict(plan), rounds_done, dataclasses.asdict(signals)
+                    )
                 )
                 self.on_decision(time.perf_counter() - t0)
                 return Verdict(Action(action), Reason(reason), tuple(detail))
@@ -106,7 +111,7 @@ class DepthClient:
             delay = 0.02
             while True:
                 try:
-                    granted = int(await self._call("grant_nodes", rid, wanted))
+                    granted = int(await self._call(self.actor.grant_nodes.remote(rid, wanted)))
                 except Exception:
                     control.local_decisions += 1
                     return min(1, wanted)
@@ -121,17 +126,61 @@ class DepthClient:
 
         return grant, release
 
-    def finish(self, rid: str, key: str, record: dict | None) -> None:
+    def finish(self, rid: str, key: str, completion_tokens: int) -> None:
         try:
-            self.actor.finish.remote(rid, key, record)  # fire and forget: nothing waits on it
+            self.actor.finish.remote(rid, key, completion_tokens)  # fire and forget: nothing waits on it
         except Exception as exc:
             log.warning("could not report session end (%s); its lease will expire", exc)
 
-    async def durable(self, method: str, *args):
-        """Reviews and feedback: errors become 4xx; an unreachable store is a clear 503."""
+
+class RecordsClient:
+    """Reviews, feedback and domains: the records actor's durable state (services/control/records.py)."""
+
+    def __init__(self, actor, timeout_s: float) -> None:
+        self.actor = actor
+        self.timeout = max(timeout_s, DURABLE_TIMEOUT_S)  # long enough to ride out an actor restart
+
+    def record(self, rid: str, record: dict | None) -> None:
+        """Keep a finished request for feedback (fire and forget; calls from one router stay in
+        order, so its feedback never overtakes it)."""
+        if record is None:
+            return
         try:
-            # Long enough to ride out an actor restart (Ray retries the call on the new actor).
-            return await self._call(method, *args, timeout=max(self.timeout, DURABLE_TIMEOUT_S))
+            self.actor.record.remote(rid, record)
+        except Exception as exc:
+            log.warning("could not record request %s (%s); feedback on it will 404", rid, exc)
+
+    async def create_review(
+        self, review_id: str, rid: str, tier: str, domain: str, proposed: dict, body: dict
+    ) -> dict:
+        return await self._durable(
+            lambda: self.actor.create_review.remote(review_id, rid, tier, domain, proposed, body)
+        )
+
+    async def list_reviews(self, status: str | None, limit: int) -> list[dict]:
+        return await self._durable(lambda: self.actor.list_reviews.remote(status, limit))
+
+    async def get_review(self, review_id: str) -> dict | None:
+        return await self._durable(lambda: self.actor.get_review.remote(review_id))
+
+    async def decide_review(
+        self, review_id: str, approve: bool, reviewer: str | None, note: str | None
+    ) -> dict:
+        return await self._durable(
+            lambda: self.actor.decide_review.remote(review_id, approve, reviewer, note)
+        )
+
+    async def feedback(self, request_id: str, correct: bool) -> dict:
+        return await self._durable(lambda: self.actor.feedback.remote(request_id, correct))
+
+    async def domains(self) -> dict:
+        return await self._durable(lambda: self.actor.domains.remote())
+
+    async def _durable(self, call):
+        """The result of `call()`, a durable actor call: its errors become 4xx; an unreachable store
+        is a clear 503."""
+        try:  # Ray retries the call on a restarted actor (max_task_retries=-1)
+            return await asyncio.wait_for(call(), self.timeout)
         except (UnknownRequestError, ReviewNotFoundError) as exc:
             raise ApiError(404, _user_message(exc), code="not_found") from exc
         except (FeedbackExistsError, ReviewDecidedError) as exc:
@@ -139,10 +188,10 @@ class DepthClient:
         except StateError as exc:
             raise ApiError(400, _user_message(exc)) from exc
         except Exception as exc:
-            log.warning("depth control unavailable for %s (%s)", method, type(exc).__name__)
+            log.warning("control records unavailable (%s)", type(exc).__name__)
             raise ApiError(
                 503,
-                "Ponder's control state is unavailable right now (depth control is restarting); "
+                "Ponder's control state is unavailable right now (its actor is restarting); "
                 "retry shortly. Nothing was lost.",
                 type_="server_error",
                 code="depth_control_unavailable",

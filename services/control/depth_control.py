@@ -1,10 +1,11 @@
 """The depth-control actor: one named, restartable Ray actor that decides, per round, continue or exit
-and why; admits sessions against cluster-wide budgets; grants Tree-of-Thought nodes; and owns Ponder's
-durable control state (budget checkpoint, per-domain thresholds, feedback, human reviews).
+and why; admits sessions against cluster-wide budgets; grants Tree-of-Thought nodes.
 
-Shell only: the policies are pure (`tiers.decide`, `budgets.Budgets`, `domains`), the state lives in
-`services.control.state.StateStore` (SQLite). Every state change is checkpointed, so a restarted actor (Ray
-restarts it: max_restarts=-1) resumes with the sessions, nodes in flight and counters it had.
+Shell only: the policies are pure (`tiers.decide`, `budgets.Budgets`, `domains`). Its budgets are
+checkpointed to the control plane's SQLite file, so a restarted actor (Ray restarts it:
+max_restarts=-1) resumes with the sessions, nodes in flight and counters it had. The durable,
+user-facing records (finished requests, feedback, thresholds, reviews) belong to the records actor
+(services/control/records.py): a slow write there never queues an admission or a verdict here.
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 from services.config import DepthControlConfig
+from services.control.records import live_threshold, state_path
 from services.control.state import StateStore
 from services.reasoning.budgets import Budgets
-from services.reasoning.domains import DomainRegistry, online_threshold
+from services.reasoning.domains import DomainRegistry
 from services.reasoning.signals import Signals
 from services.reasoning.tiers import RoundPlan, TierTable, decide
 
 log = logging.getLogger("ponder.depth_control")
-
-STATE_FILE = "depth-control.sqlite"
-
-
-PRUNE_EVERY_S = 60.0  # requests past retention are deleted at most this often
 
 
 class DepthControl:
@@ -40,8 +36,7 @@ class DepthControl:
         # Read at every (re)start, so a restarted actor enforces the same table.
         self.table = TierTable.load(self.cfg.tiers_file)
         self.registry = DomainRegistry.load(self.cfg.domains_file)
-        assert self.cfg.state_dir is not None, "AppConfig.load resolves state_dir"
-        self.store = StateStore(Path(self.cfg.state_dir) / STATE_FILE)
+        self.store = StateStore(state_path(self.cfg))
         now = clock()
         meta = self.store.load_checkpoint("meta") or {}
         self.incarnation = incarnation
@@ -51,7 +46,6 @@ class DepthControl:
         self.decisions: Counter[str] = Counter(meta.get("decisions", {}))
         self.starts = int(meta.get("starts", 0)) + 1
         self._last_checkpoint = 0.0
-        self._last_prune = 0.0
         self._checkpoint(now, force=True)
         log.info(
             "depth control up (start %d) with tiers %s; %d sessions resumed",
@@ -76,11 +70,7 @@ class DepthControl:
         self._last_checkpoint = now
 
     def _threshold(self, domain: str) -> float | None:
-        live = self.store.thresholds().get(domain)
-        if live is not None:
-            return float(live["value"])
-        d = self.registry.domains.get(domain)
-        return None if d is None else d.threshold
+        return live_threshold(self.store, self.registry, domain)  # a read: WAL never waits on writers
 
     # --- admission and decisions ------------------------------------------------------------------
 
@@ -138,85 +128,13 @@ class DepthControl:
         self.budgets.release_nodes(session_id, n, now)
         self._checkpoint(now, force=True)
 
-    def finish(self, session_id: str, api_key: str, record: dict | None) -> None:
-        """A session ended: release its budgets, count its tokens, keep its record for feedback."""
+    def finish(self, session_id: str, api_key: str, completion_tokens: int) -> None:
+        """A session ended: release its budgets, count its tokens against its key."""
         now = self.clock()
         self.budgets.finish(session_id, now)
-        if record is not None:
-            self.budgets.add_tokens(api_key, int(record.get("completion_tokens", 0)), now)
-            self.store.record_request(session_id, now=now, **record)
-        if now - self._last_prune >= PRUNE_EVERY_S:  # retention: the file must not grow with traffic
-            self.store.prune_requests(now - self.cfg.request_retention_s)
-            self._last_prune = now
+        if completion_tokens:
+            self.budgets.add_tokens(api_key, completion_tokens, now)
         self._checkpoint(now, force=True)
-
-    # --- feedback and thresholds ------------------------------------------------------------------
-
-    def feedback(self, request_id: str, correct: bool) -> dict:
-        """Online feedback: store it, then re-check the request's domain threshold (raise-only)."""
-        now = self.clock()
-        row = self.store.add_feedback(request_id, correct, now)
-        domain = row.get("domain") or self.registry.default_domain
-        d = self.registry.domains.get(domain)
-        current = self._threshold(domain)
-        result = {"request_id": request_id, "correct": correct, "domain": domain, "threshold": current}
-        if d is None or current is None:
-            return result
-        rows = self.store.domain_feedback(domain)
-        target = _target_accuracy(d.calibration.accuracy_ceiling if d.calibration else None, rows)
-        result["stats"] = feedback_stats(rows)
-        if target is None:
-            return result
-        new = online_threshold(
-            current, [(r["confidence"], r["exit_reason"], r["correct"]) for r in rows], target_accuracy=target
-        )
-        if new != current:
-            self.store.set_threshold(domain, new, source="feedback", now=now)
-            log.info("domain %s threshold %.3f -> %.3f from feedback", domain, current, new)
-        result["threshold"] = new
-        return result
-
-    def domains(self) -> dict:
-        live = self.store.thresholds()
-        return {
-            "default_domain": self.registry.default_domain,
-            "domains": {
-                name: {
-                    "description": d.description,
-                    "threshold": self._threshold(name),
-                    "threshold_source": live[name]["source"] if name in live else "config",
-                    "calibration": d.calibration.model_dump() if d.calibration else None,
-                    "feedback": feedback_stats(self.store.domain_feedback(name)),
-                }
-                for name, d in self.registry.domains.items()
-            },
-        }
-
-    # --- human review -----------------------------------------------------------------------------
-
-    def create_review(
-        self, review_id: str, request_id: str, tier: str, domain: str, proposed: dict, completion: dict
-    ) -> dict:
-        return self.store.create_review(
-            review_id,
-            request_id=request_id,
-            tier=tier,
-            domain=domain,
-            proposed=proposed,
-            completion=completion,
-            now=self.clock(),
-        )
-
-    def get_review(self, review_id: str) -> dict | None:
-        return self.store.get_review(review_id)
-
-    def list_reviews(self, status: str | None, limit: int) -> list[dict]:
-        return self.store.list_reviews(status, limit)
-
-    def decide_review(self, review_id: str, approve: bool, reviewer: str | None, note: str | None) -> dict:
-        return self.store.decide_review(
-            review_id, approve=approve, reviewer=reviewer, note=note, now=self.clock()
-        )
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -235,54 +153,3 @@ class DepthControl:
 
     def ping(self) -> str:
         return "ok"
-
-
-MIN_CEILING_SAMPLES = 20
-
-
-def _target_accuracy(calibrated: float | None, rows: list[dict]) -> float | None:
-    """What confidence exits must match: the calibrated ceiling accuracy, else (uncalibrated) the
-    accuracy of the domain's requests that ran to their ceiling, once there are enough of them."""
-    if calibrated is not None:
-        return calibrated
-    ceiling = [r["correct"] for r in rows if r["exit_reason"] == "ceiling"]
-    return sum(ceiling) / len(ceiling) if len(ceiling) >= MIN_CEILING_SAMPLES else None
-
-
-def feedback_stats(rows: list[dict]) -> dict:
-    """Feedback counts and accuracy per exit reason (recent rows), for GET /v1/domains."""
-    out: dict[str, dict] = {}
-    for r in rows:
-        s = out.setdefault(r["exit_reason"], {"n": 0, "correct": 0})
-        s["n"] += 1
-        s["correct"] += int(r["correct"])
-    for s in out.values():
-        s["accuracy"] = round(s["correct"] / s["n"], 4)
-    return {"n": len(rows), "by_exit_reason": out}
-
-
-HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
-
-
-def get_or_create(cfg: DepthControlConfig):
-    """The cluster's depth-control actor, created on first use by whichever router comes first."""
-    import ray
-
-    # Only the creating call's arguments count, and Ray reuses them on every restart; node ids are
-    # random per node start, so this names the cluster's lifetime.
-    incarnation = ray.get_runtime_context().get_node_id()[:16]
-
-    actor_cls = ray.remote(DepthControl)
-    return actor_cls.options(
-        name=cfg.name,
-        namespace=cfg.namespace,
-        get_if_exists=True,
-        lifetime="detached",  # outlives any one router replica
-        max_restarts=-1,
-        max_task_retries=-1,
-        max_concurrency=1,  # one call at a time: the budgets and the SQLite file need no locks
-        num_cpus=0,
-        # On the head: its state_dir is the volume there (deploy/helm: the head pod's state PVC), and a
-        # restart must find the same SQLite file, which a worker node's disk would not have.
-        resources={HEAD_NODE_RESOURCE: 0.001},
-    ).remote(cfg.model_dump(), incarnation)

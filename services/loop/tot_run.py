@@ -170,5 +170,4 @@ def _child(rec: RoundRecord, r: GenerateResult) -> ChildResult:
         answer=rec.answer,
         completion_tokens=rec.completion_tokens,
         prompt_tokens=r.prompt_tokens,
-        eval_score=None,
     )

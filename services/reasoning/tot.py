@@ -8,7 +8,7 @@ whose prompt is prompts.round_messages(conversation, path_texts(node)).
 Hard bounds, enforced here and not only by the caller: never more than `max_total_nodes` generated
 nodes, never a node deeper than `max_depth`.
 
-Score = confidence (0 when unknown; the mean with the self-evaluation score when one is given)
+Score = confidence (0 when unknown)
 + `agreement_weight` x the share of all generated nodes that reached the same final answer
 (self-consistency; a node counts itself, a None answer agrees with nothing). Agreement changes as nodes
 arrive, so every score is recomputed after each expansion: an earlier ranking may change.
@@ -66,11 +66,6 @@ class ChildResult:
     answer: str | None  # normalised extracted answer (signals.extract_answer)
     completion_tokens: int
     prompt_tokens: int = 0
-    eval_score: float | None = None  # optional self-evaluation in [0, 1]
-
-    def __post_init__(self) -> None:
-        if self.eval_score is not None and not 0.0 <= self.eval_score <= 1.0:
-            raise ValueError(f"eval_score {self.eval_score} outside [0, 1]")
 
 
 @dataclass
@@ -81,7 +76,6 @@ class Node:
     text: str = ""
     confidence: float | None = None
     answer: str | None = None
-    eval_score: float | None = None
     score: float = 0.0
     tokens: int = 0
     children: list[int] = field(default_factory=list)
@@ -183,7 +177,6 @@ class TotSearch:
                 text=r.text,
                 confidence=r.confidence,
                 answer=r.answer,
-                eval_score=r.eval_score,
                 tokens=r.completion_tokens,
             )
             self.nodes.append(child)
@@ -207,8 +200,6 @@ class TotSearch:
         votes = Counter(n.answer for n in gen if n.answer is not None)
         for n in gen:
             base = n.confidence or 0.0
-            if n.eval_score is not None:
-                base = (base + n.eval_score) / 2
             agree = votes[n.answer] / len(gen) if n.answer is not None else 0.0
             n.score = base + self.cfg.agreement_weight * agree
 

@@ -29,13 +29,10 @@ def rank(holder: str | None, queues: dict[str, int], max_queue: int) -> list[lis
     return [[r] for r in others]
 
 
-def session_of(args: Any) -> str | None:
-    """The session of a worker call `(request_id, prompt_token_ids, spec, ...)`: spec["kv_tags"][0]."""
-    if isinstance(args, (list, tuple)) and len(args) >= 3 and isinstance(args[2], dict):
-        tags = args[2].get("kv_tags")
-        if isinstance(tags, (list, tuple)) and tags and isinstance(tags[0], str):
-            return tags[0]
-    return None
+def session_of(kwargs: Any) -> str | None:
+    """The session a worker call names: its `session` keyword (services/ingress/worker_client.py)."""
+    session = kwargs.get("session") if isinstance(kwargs, dict) else None
+    return session if isinstance(session, str) and session else None
 
 
 class SessionAffinityRouter(RequestRouter):
@@ -45,7 +42,7 @@ class SessionAffinityRouter(RequestRouter):
         self.stats = {"affinity_hits": 0, "affinity_spills": 0, "new_sessions": 0}
 
     async def choose_replicas(self, candidate_replicas: list, pending_request: Any = None) -> list[list]:
-        session = session_of(pending_request.args) if pending_request is not None else None
+        session = session_of(pending_request.kwargs) if pending_request is not None else None
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if session is None:
             two = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
@@ -63,7 +60,7 @@ class SessionAffinityRouter(RequestRouter):
         return [[by_id[rid] for rid in group] for group in order]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        session = session_of(pending_request.args)
+        session = session_of(pending_request.kwargs)
         if session is None:
             return
         self.holders[session] = replica_id.unique_id

@@ -79,21 +79,24 @@ class ReasoningWorker:
         self.info = await self.engine.start()
         log.info("worker ready: %s", self.info)
 
+    # `session` is for the affinity router (services/worker/affinity.py), which routes by it.
     async def generate_stream(
-        self, request_id: str, prompt_token_ids: list[int], spec: dict
+        self, request_id: str, prompt_token_ids: list[int], spec: dict, session: str | None = None
     ) -> AsyncIterator[dict]:
         async for delta in self.engine.generate_stream(request_id, prompt_token_ids, spec_from_dict(spec)):
             if delta.finished:
                 delta.worker = self.replica
             yield delta_to_dict(delta)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], spec: dict) -> dict:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], spec: dict, session: str | None = None
+    ) -> dict:
         result = await self.engine.generate(request_id, prompt_token_ids, spec_from_dict(spec))
         result.worker = self.replica
         return dataclasses.asdict(result)
 
     async def generate_n(
-        self, request_id: str, prompt_token_ids: list[int], spec: dict, n: int
+        self, request_id: str, prompt_token_ids: list[int], spec: dict, n: int, session: str | None = None
     ) -> list[dict]:
         results = await self.engine.generate_n(request_id, prompt_token_ids, spec_from_dict(spec), n)
         for r in results:

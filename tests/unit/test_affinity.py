@@ -18,12 +18,11 @@ def test_holder_first_unless_busy_then_least_loaded():
     assert rank("x", {"b": 1, "a": 1}, 4) == [["a"], ["b"]]  # ties: by id, reproducible
 
 
-def test_session_comes_from_the_round_spec():
-    assert session_of(("rid", [1, 2], {"kv_tags": ["s", 1, ""]})) == "s"
-    assert session_of(("rid", [1, 2], {"kv_tags": None})) is None
-    assert session_of(("rid", [1, 2], {})) is None
-    assert session_of(("rid",)) is None
-    assert session_of(None) is None
+def test_session_is_the_calls_session_keyword():
+    assert session_of({"session": "s"}) == "s"
+    assert session_of({"session": None}) is None and session_of({"session": ""}) is None
+    assert session_of({}) is None and session_of(None) is None
+    assert session_of({"session": 3}) is None  # not a session id: routed like an untagged call
 
 
 def test_block_bytes_from_the_model_config(tmp_path):

@@ -1,11 +1,13 @@
-"""The depth-control actor's class without Ray: admission, decisions, node grants, checkpointed state
-resumed by a new instance (what Ray's restart does), feedback and reviews on its SQLite store."""
+"""The control plane's actor classes without Ray: depth control's admission, decisions, node grants
+and checkpointed state resumed by a new instance (what Ray's restart does); the records actor's
+feedback, thresholds and reviews on the same SQLite file."""
 
 import pytest
 
 from services.config import DEFAULT_CONFIG, AppConfig
 from services.control.client import Control, api_key_id
 from services.control.depth_control import DepthControl
+from services.control.records import ControlRecords
 from services.control.state import FeedbackExistsError, ReviewDecidedError, UnknownRequestError
 from services.reasoning.signals import Signals
 from services.reasoning.tiers import make_plan
@@ -19,7 +21,7 @@ class Clock:
         return self.t
 
 
-# What a router reports when a low-tier math request finishes (DepthControl.finish).
+# What a router records when a low-tier math request finishes (ControlRecords.record).
 MATH_RECORD = {
     "domain": "math",
     "tier": "low",
@@ -69,24 +71,42 @@ def test_decide_narrows_to_the_tier_ceiling_and_never_skips_min_rounds(cfg):
 
 
 def test_feedback_needs_a_finished_request_and_is_once_only(cfg):
-    a = DepthControl(cfg, "c", Clock())
+    a, r = DepthControl(cfg, "c", Clock()), ControlRecords(cfg, Clock())
     with pytest.raises(UnknownRequestError):
-        a.feedback("chatcmpl-x", True)
+        r.feedback("chatcmpl-x", True)
     a.admit("chatcmpl-x", "k", "low", 1, 2, "math")
-    record = {**MATH_RECORD, "completion_tokens": 12}
-    a.finish("chatcmpl-x", "k", record)
-    out = a.feedback("chatcmpl-x", True)
+    a.finish("chatcmpl-x", "k", 12)
+    r.record("chatcmpl-x", {**MATH_RECORD, "completion_tokens": 12})
+    out = r.feedback("chatcmpl-x", True)
     assert out["domain"] == "math" and out["threshold"] is not None
     with pytest.raises(FeedbackExistsError):
-        a.feedback("chatcmpl-x", False)
+        r.feedback("chatcmpl-x", False)
     assert a.budgets.stats(a.clock())["sessions"] == 0
+
+
+def test_finish_counts_the_sessions_tokens_against_its_key(cfg):
+    clock = Clock()
+    a = DepthControl(cfg, "c", clock)
+    a.admit("s", "k", "low", 1, 2, "math")
+    a.finish("s", "k", 12)
+    a.finish("s2", "k", 0)  # a failed request: nothing counted
+    assert a.budgets.stats(clock())["sessions"] == 0
+    assert a.budgets.tokens_last_minute("k", clock()) == 12
+
+
+def test_feedback_moves_the_threshold_depth_control_admits_with(cfg):
+    """Two actors, one file: a threshold feedback raised is what the next admission carries."""
+    a, r = DepthControl(cfg, "c", Clock()), ControlRecords(cfg, Clock())
+    before = a.admit("s0", "k", "medium", 3, 4, "general")["domain_threshold"]
+    r.store.set_threshold("general", before + 0.05, source="feedback", now=1.0)
+    assert a.admit("s1", "k", "medium", 3, 4, "general")["domain_threshold"] == before + 0.05
 
 
 def test_reviews_survive_a_restart_and_decide_once(cfg):
     clock = Clock()
-    a = DepthControl(cfg, "c", clock)
+    a = ControlRecords(cfg, clock)
     a.create_review("review-1", "chatcmpl-1", "critical", "medical", {"content": "x"}, {"id": "chatcmpl-1"})
-    b = DepthControl(cfg, "c2", clock)
+    b = ControlRecords(cfg, clock)
     assert [r["id"] for r in b.list_reviews("pending", 10)] == ["review-1"]
     assert b.decide_review("review-1", True, "dr", None)["status"] == "approved"
     with pytest.raises(ReviewDecidedError):
@@ -109,15 +129,13 @@ def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
 
 
 def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_runs(cfg):
-    a = DepthControl(cfg, "c", Clock())
-    start = a._threshold("general")
+    a = ControlRecords(cfg, Clock())
+    start = DepthControl(cfg, "c", Clock())._threshold("general")
 
     def finished(i, reason, correct):
         rid = f"chatcmpl-{reason}-{i}"
-        a.admit(rid, "k", "medium", 3, 4, "general")
-        a.finish(
+        a.record(
             rid,
-            "k",
             {
                 "domain": "general",
                 "tier": "medium",
@@ -143,15 +161,13 @@ def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_
 
 def test_finished_requests_past_retention_are_forgotten_but_their_feedback_stays(cfg):
     clock = Clock()
-    a = DepthControl({**cfg, "request_retention_s": 3600.0}, "c", clock)
+    a = ControlRecords({**cfg, "request_retention_s": 3600.0}, clock)
     record = {**MATH_RECORD, "completion_tokens": 5}
     for rid in ("old-1", "old-2"):
-        a.admit(rid, "k", "low", 1, 2, "math")
-        a.finish(rid, "k", record)
+        a.record(rid, record)
     a.feedback("old-1", True)
     clock.t += 3601.0  # past retention: the next finished request prunes the old ones
-    a.admit("new", "k", "low", 1, 2, "math")
-    a.finish("new", "k", record)
+    a.record("new", record)
     assert a.store.get_request("old-2") is None and a.store.get_request("new") is not None
     with pytest.raises(UnknownRequestError):
         a.feedback("old-2", True)

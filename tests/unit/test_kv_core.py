@@ -25,14 +25,13 @@ def test_eviction_order_follows_reasoning_structure_then_lru():
     ):
         put(c, f"h{i}", session, rnd, branch, now=float(i))
     c.mark_round("a", 3, now=10)  # a: rounds 2, 3 hot; 0, 1 old
-    c.mark_branch_pruned("b", "y", now=10)  # a pruned ToT branch goes first
     c.mark_round("b", 0, now=10)
-    c.mark_exited("c", now=5)  # an early-exited trace goes first too
-    assert c.eviction_order(Tier.RAM, now=20) == ["h5", "h6", "h0", "h1", "h2", "h3", "h4"]
+    c.mark_exited("c", now=5)  # an early-exited trace goes first
+    assert c.eviction_order(Tier.RAM, now=20) == ["h6", "h0", "h1", "h2", "h3", "h4", "h5"]
     assert c.retention(c.blocks["h4"], now=20) is Retention.HOT
     # a session untouched for longer than the window becomes idle: before old rounds of live ones
     c.mark_round("a", 3, now=105)
-    assert c.eviction_order(Tier.RAM, now=112) == ["h5", "h6", "h4", "h0", "h1", "h2", "h3"]
+    assert c.eviction_order(Tier.RAM, now=112) == ["h6", "h4", "h5", "h0", "h1", "h2", "h3"]
 
 
 def test_ram_full_demotes_to_disk_and_doomed_blocks_are_dropped():
@@ -53,7 +52,7 @@ def test_ram_full_demotes_to_disk_and_doomed_blocks_are_dropped():
     c.complete_put("a4", True)
     assert set(c.blocks) == {"a3", "a4"}
     assert ("evict", "a1", "demote_failed") in c.events and ("evict", "a0", "disk_full") in c.events
-    c.mark_branch_pruned("a", "", now=5)
+    c.mark_exited("a", now=5)
     p = c.prepare_put("z", session="z", round_=0, branch="", nbytes=512, now=6)
     assert p.demote is None and p.dropped == ("a3",)  # doomed: dropped, not demoted
 
@@ -85,17 +84,12 @@ def test_everything_pinned_is_a_clear_error_and_oversize_is_refused():
         c.prepare_put("big", session="s", round_=1, branch="", nbytes=4096, now=2)
 
 
-def test_planned_demotions_and_bulk_finish():
-    c = core(ram=4, disk=4)
+def test_bulk_finish_frees_every_slot_of_a_session():
+    c = core(ram=2, disk=4)
     for r in range(4):
-        put(c, f"r{r}", "s", r, now=float(r))
-    c.mark_round("s", 3, now=4)
-    planned = c.plan_demotions(now=5, limit=8)
-    assert [m.hash for m in planned] == ["r0", "r1"]  # only rounds n-2 and older
-    c.complete_move(planned[0], True)
-    c.complete_move(planned[1], False)
-    assert (c.blocks["r0"].tier, c.blocks["r1"].tier) == (Tier.DISK, Tier.RAM)
-    assert c.stats()["slots_used"] == {"ram": 3, "disk": 1}
+        c.mark_round("s", r, now=float(r))
+        put(c, f"r{r}", "s", r, now=float(r))  # RAM holds 2: older rounds were demoted on the way
+    assert c.stats()["slots_used"] == {"ram": 2, "disk": 2}
     freed = c.finish_session("s")
     assert sorted(h for h, _, _ in freed) == ["r0", "r1", "r2", "r3"]
     assert c.stats()["blocks"] == 0 and c.stats()["slots_used"] == {"ram": 0, "disk": 0}

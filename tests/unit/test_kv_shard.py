@@ -127,10 +127,10 @@ def test_bytes_transport_shard_and_client_without_nixl():
     from kvstore.transport.base import decode_metadata
     from kvstore.transport.client import NixlClient
 
-    s = Shard(ShardConfig(ram_slots=4, slot_bytes=slot_bytes_for(1000), transport="bytes"), Clock())
+    s = Shard(ShardConfig(ram_slots=4, slot_bytes=slot_bytes_for(1000), transport="ray"), Clock())
     info = decode_metadata(s.transport_metadata())
     assert info.nixl == b"" and info.size == s.ram.buffer.size and not s.transport.one_sided
-    client = NixlClient(prefer="bytes")
+    client = NixlClient(prefer="ray")
     assert not client.one_sided and client.peer(s) is None
     blobs = [b"a" * 30, b"b" * 40]
     assert client.put(s, [BlockMeta("x", "s", 0), BlockMeta("y", "s", 0)], blobs) == 2

@@ -1,4 +1,6 @@
-"""A round whose worker dies is resumed on another worker from the tokens already streamed."""
+"""A round whose worker dies is resumed on another worker from the tokens already streamed: the pure
+helpers, and the router's real worker client (services/ingress/worker_client.py) over a scripted
+stand-in for the worker deployment's Serve handle."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from services.ingress.router import Router
+from services.ingress.worker_client import WorkerClient
 from services.loop.resume import budget_spent, rebase, resumed
 from services.worker.engine import GenerateDelta, SamplingSpec
 
@@ -60,30 +62,26 @@ class _Worker:
     """Plays the worker deployment handle: each call answers from a script of (tokens, death)."""
 
     def __init__(self, script):
-        self.script, self.calls = list(script), []
+        self.script, self.calls, self.sessions = list(script), [], []
 
     def options(self, stream: bool):
         return SimpleNamespace(generate_stream=SimpleNamespace(remote=self._remote))
 
-    def _remote(self, rid, prompt, spec):
+    def _remote(self, rid, prompt, spec, session=None):
         self.calls.append((rid, list(prompt), spec["max_tokens"]))
+        self.sessions.append(session)
         tokens, dies = self.script.pop(0)
         return _Stream(tokens, len(prompt), dies)
 
 
 def _router(worker, retries=2):
     retried = []
-    shell = SimpleNamespace(
-        worker=worker,
-        rcfg=SimpleNamespace(round_retries=retries),
-        metrics=SimpleNamespace(retry=retried.append),
-    )
-    return shell, retried
+    return WorkerClient(worker, retries, on_retry=retried.append), retried
 
 
-def _run(shell, prompt, spec):
+def _run(client, prompt, spec):
     async def go():
-        return [d async for d in Router.func_or_class._generate(shell, "req", prompt, spec)]
+        return [d async for d in client.generate("req", prompt, spec)]
 
     return asyncio.run(go())
 
@@ -96,6 +94,14 @@ def test_a_dead_worker_s_round_continues_on_another_from_the_streamed_tokens():
     assert worker.calls == [("req", [1, 2, 3], 8), ("req~1", [1, 2, 3, 11, 12, 13], 5)]
     assert deltas[3].prompt_tokens == 3  # the resumed request's prompt counted as the original's
     assert deltas[-1].finished and retried == ["generate"]
+    assert worker.sessions == [None, None]  # untagged: no session for the affinity router
+
+
+def test_the_session_travels_to_the_affinity_router_on_every_attempt():
+    worker = _Worker([([11], ActorDiedError()), ([12], None)])
+    client, _ = _router(worker)
+    _run(client, [1, 2], SamplingSpec(max_tokens=4, kv_tags=("sess-1", 0, "")))
+    assert worker.sessions == ["sess-1", "sess-1"]
 
 
 def test_retries_are_bounded_and_the_last_failure_surfaces():

@@ -16,6 +16,7 @@ from bench.soak_stats import (
     store_check,
     window_size,
 )
+from services.config import DepthControlConfig
 
 
 def test_percentile_interpolates_between_closest_ranks():
@@ -150,19 +151,29 @@ def test_depth_control_and_engine_back_to_baseline():
     ]
 
 
+NAMES = DepthControlConfig()
+
+
 def test_errors_check_and_roles():
     ok = {"status": 200}
     assert errors_check([ok, ok]) == []
     assert errors_check([ok, {"status": 0, "error": "ReadTimeout"}]) == [
         "1 of 2 requests failed (first: ReadTimeout)"
     ]
-    assert role_of("SERVE_REPLICA::ponder#Router#ab12", "serve") == "router"
-    assert role_of("SERVE_REPLICA::ponder#ReasoningWorker#cd34", "serve") == "worker"
-    assert role_of("SERVE_PROXY_ACTOR-node1", "serve") == "serve-proxy"
-    assert role_of("SERVE_CONTROLLER_ACTOR", "serve") == "serve-controller"
-    assert role_of("ponder-kv-shard-0123456789ab", "ponder") == "kv-shard"
-    assert role_of("ponder-depth-control", "ponder") == "depth-control"
-    assert role_of("someone-elses-actor", "ponder") is None
+    assert role_of("SERVE_REPLICA::ponder#Router#ab12", "serve", NAMES) == "router"
+    assert role_of("SERVE_REPLICA::ponder#ReasoningWorker#cd34", "serve", NAMES) == "worker"
+    assert role_of("SERVE_PROXY_ACTOR-node1", "serve", NAMES) == "serve-proxy"
+    assert role_of("SERVE_CONTROLLER_ACTOR", "serve", NAMES) == "serve-controller"
+    assert role_of("ponder-kv-shard-0123456789ab", "ponder", NAMES) == "kv-shard"
+    assert role_of("ponder-depth-control", "ponder", NAMES) == "depth-control"
+    assert role_of("ponder-control-records", "ponder", NAMES) == "control-records"
+    assert role_of("ponder-kv-keeper", "ponder", NAMES) == "kv-keeper"
+    assert role_of("someone-elses-actor", "ponder", NAMES) is None
+    other = DepthControlConfig(name="dc", namespace="team-a")  # names come from the app config
+    assert role_of("ponder-kv-shard-0123456789ab", "team-a", other) == "kv-shard"
+    assert role_of("ponder-kv-shard-0123456789ab", "ponder", other) is None
+    assert role_of("dc", "team-a", other) == "depth-control"
+    assert role_of("ponder-depth-control", "team-a", other) is None
 
 
 def test_render_names_every_part():

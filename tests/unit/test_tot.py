@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from services.reasoning.tot import ChildResult, StopReason, TotConfig, TotSearch
 
 
-def child(conf, answer=None, label=None, eval_score=None, tokens=5):
-    return ChildResult(label or f"t{conf}", conf, answer, tokens, prompt_tokens=7, eval_score=eval_score)
+def child(conf, answer=None, label=None, tokens=5):
+    return ChildResult(label or f"t{conf}", conf, answer, tokens, prompt_tokens=7)
 
 
 def expand(search, results, granted=None):
@@ -259,14 +259,6 @@ def test_scores_are_recomputed_as_nodes_arrive():
     assert s.nodes[4].score == pytest.approx(0.1)  # no answer: no agreement
 
 
-def test_self_evaluation_is_averaged_with_confidence():
-    s = TotSearch(cfg(branching=3, max_depth=1, max_total_nodes=3))
-    expand(s, [child(0.4, eval_score=1.0), child(None, eval_score=0.6), child(None)])
-    assert [n.score for n in s.nodes[1:]] == pytest.approx([0.7, 0.3, 0.0])
-    with pytest.raises(ValueError, match="eval_score"):
-        child(0.5, eval_score=1.5)
-
-
 def test_best_prefers_min_depth_then_deeper_then_older():
     s = TotSearch(cfg(branching=2, max_depth=3, max_total_nodes=8, min_depth=1))
     expand(s, [child(0.5), child(0.3)])  # 1, 2
@@ -326,7 +318,6 @@ def _expected_score(s, n):
     gen = s.nodes[1:]
     votes = Counter(m.answer for m in gen if m.answer is not None)
     base = n.confidence or 0.0
-    base = base if n.eval_score is None else (base + n.eval_score) / 2
     return base + s.cfg.agreement_weight * (votes[n.answer] / len(gen) if n.answer is not None else 0.0)
 
 
@@ -342,11 +333,7 @@ def _step(rng, s, node):
     assert 1 <= wanted <= c.branching and node.depth < c.max_depth
     granted = rng.randint(0, wanted) if rng.random() < 0.2 else wanted
     kids = [
-        child(
-            rng.choice([None, rng.random(), 1.0]),
-            rng.choice(["1", "2", None]),
-            eval_score=rng.choice([None, rng.random()]),
-        )
+        child(rng.choice([None, rng.random(), 1.0]), rng.choice(["1", "2", None]))
         for _ in range(rng.randint(max(0, granted - 1), granted))
     ]
     first = s.add_children(node.id, kids, granted)
