@@ -99,9 +99,12 @@ async def routed_request(
         # min_rounds 1, a threshold never reached and no other exit criterion (the high tier's table
         # entry has none; its strategy is ToT, so ask for a chain): depth control decides rounds
         # 1..R-1. Not `critical`: its answers are held for review (HTTP 202, no rounds to time).
+        # No KV store: the direct path has none, and its saves are the store's cost, not routing's
+        # (bench kv measures those).
         "reasoning": {
             "tier": "high",
             "strategy": "cot",
+            "kv_store": False,
             "min_rounds": 1,
             "max_rounds": rounds,
             "confidence_threshold": 1.0,

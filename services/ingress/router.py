@@ -46,6 +46,11 @@ app.include_router(control_routes)
 access.install(app)  # added last, so it runs first: no key, no further look at the request
 
 
+async def _no_decide(*_: object) -> None:
+    return None
+
+
+# Serve pickles the class at decoration: whatever its methods use must be defined above this line.
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
@@ -177,7 +182,3 @@ class Router:
         except Exception:  # reported, not fatal: routers keep deciding with local ceilings
             depth = "unreachable"
         return JSONResponse({"status": "ok", "model": self.model, "depth_control": depth})
-
-
-async def _no_decide(*_: object) -> None:
-    return None
