@@ -9,6 +9,7 @@ raise `StateError` subclasses with messages fit to show them; SQLite I/O errors 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import sqlite3
@@ -67,6 +68,17 @@ class ReviewDecidedError(StateError):
     """The review was already approved or rejected."""
 
 
+@contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """An exclusive lock on `<state file>.lock` while a process sets the file up."""
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class StateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -78,10 +90,14 @@ class StateStore:
             raise StateError(f"cannot open Ponder state file {self.path}: {exc}") from exc
         try:
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")  # the first read: junk fails here
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps it consistent; may lose the last ms
-            self._check_version()
-            self._db.executescript(_SCHEMA)
+            # Two actors open the file at once at start-up (depth control, records). Switching to WAL
+            # and creating the schema take the write lock in ways SQLite refuses at once (SQLITE_BUSY,
+            # no busy wait) when another connection does the same: one opener at a time.
+            with _opening(self.path):
+                self._db.execute("PRAGMA journal_mode=WAL")  # the first read: junk fails here
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL keeps it consistent; may lose the last ms
+                self._check_version()
+                self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise StateError(f"{self.path} is not a usable Ponder state file: {exc}") from exc

@@ -198,3 +198,25 @@ def test_a_newer_schema_is_refused(path):
         db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(StateError, match="newer than this Ponder"):
         StateStore(path)
+
+
+def _open_and_write(path: str, barrier, domain: str) -> None:
+    barrier.wait()  # both open the file at the same moment, as the two control actors do
+    StateStore(path).set_threshold(domain, 0.5, source="test", now=1.0)
+
+
+def test_two_processes_opening_a_new_state_file_at_once_both_succeed(tmp_path):
+    """Depth control and the records actor open the file together at start-up. Without taking turns,
+    SQLite refuses one connection's WAL switch at once (no busy wait): 11 of 40 such races failed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        path, barrier = tmp_path / f"state-{attempt}.sqlite", ctx.Barrier(2)
+        procs = [ctx.Process(target=_open_and_write, args=(str(path), barrier, f"d{i}")) for i in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0], f"attempt {attempt}"
+        assert set(StateStore(path).thresholds()) == {"d0", "d1"}
