@@ -5,8 +5,9 @@ Both paths run on one local cluster in one run, interleaved request by request:
 - direct: the driver renders each round's prompt with the same tokenizer and prompt builder and calls
   `ReasoningWorker.generate_stream` through a Serve handle (the call the router makes), R rounds;
 - routed: the OpenAI HTTP API with `min_rounds = 1, max_rounds = R` and a confidence threshold of 1.0
-  that no round reaches, so the router runs R rounds and waits for depth control's verdict after
-  each of the first R - 1 (the last is the ceiling, which the router's own guard decides).
+  that no round reaches, so the router runs R rounds: depth control admits the request and grants
+  its plan, the router decides every round under it (`decided_by: router`; the last is the
+  ceiling) and reports the rounds at finish.
 Every round generates exactly `max_tokens` tokens (`ignore_eos`), and each request asks a question of
 its own (no prefix-cache sharing between the two paths). Per request, the per-round time is the
 request's wall time / R; the added time is routed minus direct at the same percentile.
@@ -97,8 +98,8 @@ async def routed_request(
         "max_tokens": max_tokens,
         "ignore_eos": True,
         # min_rounds 1, a threshold never reached and no other exit criterion (the high tier's table
-        # entry has none; its strategy is ToT, so ask for a chain): depth control decides rounds
-        # 1..R-1. Not `critical`: its answers are held for review (HTTP 202, no rounds to time).
+        # entry has none; its strategy is ToT, so ask for a chain): rounds 1..R-1 are exits the exit
+        # rule could have taken. Not `critical`: its answers are held for review (HTTP 202).
         # No KV store: the direct path has none, and its saves are the store's cost, not routing's
         # (bench kv measures those).
         "reasoning": {
@@ -116,8 +117,8 @@ async def routed_request(
     resp.raise_for_status()
     data = resp.json()
     got = [r["decided_by"] for r in data["reasoning"]["rounds"]]
-    if got != ["depth_control"] * (rounds - 1) + ["local"]:
-        raise RuntimeError(f"expected {rounds - 1} rounds decided by depth control, then the ceiling: {got}")
+    if got != ["router"] * rounds:
+        raise RuntimeError(f"expected {rounds} rounds decided by the router under the granted plan: {got}")
     return elapsed, data
 
 

@@ -83,6 +83,27 @@ class DepthControlConfig(_Strict):
     checkpoint_interval_s: float = Field(
         0.0, ge=0.0, le=60.0, description="Least time between budget checkpoints; 0 = after every change."
     )
+    verdicts: Literal["router", "actor"] = Field(
+        "router",
+        description="Who decides each round: router = the router, with the same pure policy, under the "
+        "plan granted at admission (two actor calls per request, whatever its rounds); actor = this "
+        "actor, asked after every round the guards do not settle (a call per round, queued behind "
+        "every other router's: docs/benchmarks.md, bench control).",
+    )
+    threshold_refresh_s: float = Field(
+        1.0,
+        gt=0.0,
+        le=5.0,
+        description="A domain threshold changed by feedback or an operator reaches new admissions "
+        "(every router's) within this many seconds.",
+    )
+    node_lease: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Tree-of-Thought nodes are asked of depth control this many expansions' worth at a "
+        "time; a search keeps them for its later expansions and frees them when it ends.",
+    )
 
 
 class KvStoreConfig(_Strict):

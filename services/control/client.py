@@ -1,12 +1,12 @@
 """The router's side of the control plane's two actors: calls with timeouts, the local fallback, and
-actor errors mapped to OpenAI-shaped HTTP errors. `DepthClient` (admissions, verdicts, ToT nodes)
-degrades to local hard ceilings when depth control is unreachable; `RecordsClient` (reviews,
-feedback, domains) fails with a clear 503 instead, never silently."""
+actor errors mapped to OpenAI-shaped HTTP errors. `DepthClient` (admission, verdicts under the
+granted plan, ToT node leases, the finished session's report) degrades to local hard ceilings when
+depth control is unreachable; `RecordsClient` (reviews, feedback, domains) fails with a clear 503
+instead, never silently."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -21,8 +21,9 @@ from services.control.state import (
     UnknownRequestError,
 )
 from services.ingress.api import ApiError
+from services.reasoning.budgets import NodeLease
 from services.reasoning.signals import Signals
-from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+from services.reasoning.tiers import Action, DecidedBy, Reason, RoundPlan, Verdict, decide
 
 log = logging.getLogger("ponder.control")
 
@@ -46,6 +47,7 @@ class Control:
     degraded: bool = False
     reasons: list[str] = field(default_factory=list)
     local_decisions: int = 0  # rounds decided locally because the actor did not answer
+    verdicts: str = "router"  # as granted at admission: the router's, or the actor's per round
 
     def summary(self) -> dict:
         return {
@@ -56,79 +58,117 @@ class Control:
         }
 
 
+GUARDS = (Reason.CEILING, Reason.MIN_ROUNDS)
+
+
 class DepthClient:
     def __init__(
-        self, actor, timeout_s: float, grant_wait_s: float = 10.0, on_decision=lambda seconds: None
+        self,
+        actor,
+        timeout_s: float,
+        grant_wait_s: float = 10.0,
+        on_decision=lambda seconds, decided_by: None,
+        node_lease: int = 1,
     ) -> None:
         self.actor = actor
         self.timeout = timeout_s
         self.grant_wait_s = grant_wait_s
-        self.on_decision = on_decision  # the decide call's latency, for metrics
+        self.on_decision = on_decision  # each verdict's latency, for metrics
+        self.node_lease = node_lease
+        # The last threshold admission granted per domain: a router that cannot reach depth control
+        # keeps deciding with it (under the plan's hard ceilings).
+        self.thresholds: dict[str, tuple[float | None, float]] = {}
 
     async def _call(self, call, timeout: float | None = None):
         return await asyncio.wait_for(call, timeout or self.timeout)
 
     async def admit(self, rid: str, key: str, plan: RoundPlan, control: Control) -> dict | None:
-        """The actor's admission (granted ceilings, domain threshold), or None when unreachable."""
+        """The actor's admission (granted ceilings, domain threshold, verdict mode), or None when
+        unreachable."""
+        domain = plan.domain or ""
         try:
-            return await self._call(
-                self.actor.admit.remote(
-                    rid, key, plan.tier, plan.min_rounds, plan.max_rounds, plan.domain or ""
-                )
+            adm = await self._call(
+                self.actor.admit.remote(rid, key, plan.tier, plan.min_rounds, plan.max_rounds, domain)
             )
         except Exception as exc:  # unreachable or restarting: the plan's own ceilings hold
             log.warning("depth control unavailable at admission (%s)", type(exc).__name__)
             control.reachable = False
             return None
+        control.verdicts = adm.get("verdicts", "router")
+        seen = self.thresholds.get(domain)
+        version = float(adm.get("threshold_version", 0.0))
+        if seen is None or version >= seen[1]:  # admissions may answer out of order
+            self.thresholds[domain] = (adm.get("domain_threshold"), version)
+        return adm
+
+    def last_threshold(self, domain: str | None) -> float | None:
+        """The domain's threshold as the last admission granted it (None: none seen)."""
+        seen = self.thresholds.get(domain or "")
+        return None if seen is None else seen[0]
 
     def decider(self, control: Control):
-        """A per-request DecideFn that records when it had to fall back to local ceilings."""
+        """A per-request DecideFn. Under a plan granted with router verdicts the round is decided
+        here, with the actor's own pure policy, and no call; with actor verdicts the actor is asked
+        for every round the guards do not settle. No admission (unreachable): None, and the loop's
+        local hard ceilings decide."""
 
-        async def decide(plan: RoundPlan, rounds_done: int, signals: Signals) -> Verdict | None:
+        async def decide_round(plan: RoundPlan, rounds_done: int, signals: Signals) -> Verdict | None:
+            if not control.reachable:
+                return None
+            t0 = time.perf_counter()
+            verdict = decide(plan, rounds_done, signals)
+            if control.verdicts != "actor" or verdict.reason in GUARDS:
+                self.on_decision(time.perf_counter() - t0, verdict.by.value)
+                return verdict
             try:
-                t0 = time.perf_counter()
                 action, reason, detail = await self._call(
                     self.actor.decide.remote(
                         dataclasses.asdict(plan), rounds_done, dataclasses.asdict(signals)
                     )
                 )
-                self.on_decision(time.perf_counter() - t0)
-                return Verdict(Action(action), Reason(reason), tuple(detail))
             except Exception as exc:  # local ceilings hold (RoundLoop.settle)
                 log.warning("depth control unavailable (%s); deciding locally", type(exc).__name__)
                 control.local_decisions += 1
                 return None
+            self.on_decision(time.perf_counter() - t0, DecidedBy.ACTOR.value)
+            return Verdict(Action(action), Reason(reason), tuple(detail), by=DecidedBy.ACTOR)
 
-        return decide
+        return decide_round
 
     def nodes(self, rid: str, control: Control):
-        """Per-request ToT node grants; an unreachable actor grants one child, so a search can end."""
+        """Per-request ToT node grants, held as a lease (budgets.NodeLease): the actor is asked only
+        when the search wants more nodes than it holds; released nodes wait for its next expansion
+        and are all freed when the session finishes. An unreachable actor grants one child, so a
+        search can end."""
+        lease = NodeLease(self.node_lease)
 
         async def grant(wanted: int) -> int:
-            # The cluster's ToT budget frees up as other expansions finish: wait a little for it
+            # The cluster's ToT budget frees up as other searches finish: wait a little for it
             # (backing off) before the search has to stop or fall back to a chain.
             deadline = asyncio.get_running_loop().time() + self.grant_wait_s
             delay = 0.02
-            while True:
+            while (ask := lease.ask(wanted)) > 0:
                 try:
-                    granted = int(await self._call(self.actor.grant_nodes.remote(rid, wanted)))
+                    lease.add(int(await self._call(self.actor.grant_nodes.remote(rid, ask))))
                 except Exception:
                     control.local_decisions += 1
                     return min(1, wanted)
-                if granted > 0 or asyncio.get_running_loop().time() + delay > deadline:
-                    return granted
+                if lease.free > 0 or asyncio.get_running_loop().time() + delay > deadline:
+                    break
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
+            return lease.take(wanted)
 
         async def release(n: int) -> None:
-            with contextlib.suppress(Exception):  # else the lease expires and frees the nodes
-                self.actor.release_nodes.remote(rid, n)
+            lease.put(n)  # kept for the next expansion; the actor frees them at finish
 
         return grant, release
 
-    def finish(self, rid: str, key: str, completion_tokens: int) -> None:
+    def finish(self, rid: str, key: str, completion_tokens: int, rounds: list[dict] | None = None) -> None:
+        """The session ended: its budgets are freed and its rounds reported, in one call that
+        nothing waits on (a lost report costs statistics, never a verdict)."""
         try:
-            self.actor.finish.remote(rid, key, completion_tokens)  # fire and forget: nothing waits on it
+            self.actor.finish.remote(rid, key, completion_tokens, rounds or [])
         except Exception as exc:
             log.warning("could not report session end (%s); its lease will expire", exc)
 

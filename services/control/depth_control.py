@@ -1,5 +1,9 @@
-"""The depth-control actor: one named, restartable Ray actor that decides, per round, continue or exit
-and why; admits sessions against cluster-wide budgets; grants Tree-of-Thought nodes.
+"""The depth-control actor: one named, restartable Ray actor that holds the central policy. It admits
+each session against cluster-wide budgets and grants it a plan (ceilings, min rounds, the domain's
+live threshold, and whether verdicts are the router's or asked of it per round); grants
+Tree-of-Thought nodes in leases; takes each finished session's per-round reports for statistics.
+By default routers decide rounds themselves under the granted plan with the same pure code, so a
+chain request costs this actor two calls (admit, finish) whatever its number of rounds.
 
 Shell only: the policies are pure (`tiers.decide`, `budgets.Budgets`, `domains`). Its budgets are
 checkpointed to the control plane's SQLite file, so a restarted actor (Ray restarts it:
@@ -17,8 +21,9 @@ from collections import Counter
 from collections.abc import Callable
 
 from services.config import DepthControlConfig
-from services.control.records import live_threshold, state_path
+from services.control.records import state_path
 from services.control.state import StateStore
+from services.control.thresholds import LiveThresholds
 from services.reasoning.budgets import Budgets
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.signals import Signals
@@ -37,6 +42,9 @@ class DepthControl:
         self.table = TierTable.load(self.cfg.tiers_file)
         self.registry = DomainRegistry.load(self.cfg.domains_file)
         self.store = StateStore(state_path(self.cfg))
+        self.thresholds = LiveThresholds(self.registry, self.store.thresholds, self.cfg.threshold_refresh_s)
+        self.calls: Counter[str] = Counter()  # by method: what routers cost this actor
+        self.reported: Counter[str] = Counter()  # rounds reported, by who decided them
         now = clock()
         meta = self.store.load_checkpoint("meta") or {}
         self.incarnation = incarnation
@@ -69,9 +77,6 @@ class DepthControl:
         self.store.save_checkpoint("meta", meta, now)
         self._last_checkpoint = now
 
-    def _threshold(self, domain: str) -> float | None:
-        return live_threshold(self.store, self.registry, domain)  # a read: WAL never waits on writers
-
     # --- admission and decisions ------------------------------------------------------------------
 
     def admit(
@@ -79,6 +84,7 @@ class DepthControl:
     ) -> dict:
         """Admit a session: its granted ceilings (lowered under pressure, never refused) and its
         domain's live exit threshold."""
+        self.calls["admit"] += 1
         now = self.clock()
         self.budgets.expire(now)
         # A router may narrow its tier's ceiling, never widen it.
@@ -96,26 +102,32 @@ class DepthControl:
         if adm.degraded:
             self.decisions["degraded"] += 1
         self._checkpoint(now)
+        threshold = self.thresholds.get(domain, now)
         return {
             "max_rounds": adm.max_rounds,
             "min_rounds": adm.min_rounds,
             "degraded": adm.degraded,
             "reasons": list(adm.reasons),
-            "domain_threshold": self._threshold(domain),
+            "domain_threshold": threshold.value,
+            "threshold_version": threshold.version,
+            "verdicts": self.cfg.verdicts,
         }
 
     def decide(self, plan: dict, rounds_done: int, signals: dict | None) -> tuple[str, str, list[str]]:
+        """A round's verdict, for plans granted with `verdicts: actor` (counted when reported)."""
+        self.calls["decide"] += 1
         p = RoundPlan(**plan)
         tier = self.table.tiers.get(p.tier)
         if tier is None:
             raise ValueError(f"unknown tier {p.tier!r}")
         p = dataclasses.replace(p, max_rounds=min(p.max_rounds, tier.max_rounds))
         verdict = decide(p, rounds_done, Signals(**signals) if signals else None)
-        self.decisions[verdict.reason.value] += 1
-        self._checkpoint(self.clock())
         return verdict.action.value, verdict.reason.value, list(verdict.detail)
 
     def grant_nodes(self, session_id: str, wanted: int) -> int:
+        """Up to `wanted` nodes, counted in flight until released or the session finishes (a
+        router holds them as a lease for the search's later expansions: budgets.NodeLease)."""
+        self.calls["grant_nodes"] += 1
         now = self.clock()
         granted = self.budgets.grant_nodes(session_id, wanted, now)
         in_flight = self.budgets.stats(now)["tot_nodes_in_flight"]
@@ -124,16 +136,27 @@ class DepthControl:
         return granted
 
     def release_nodes(self, session_id: str, n: int) -> None:
+        self.calls["release_nodes"] += 1
         now = self.clock()
         self.budgets.release_nodes(session_id, n, now)
         self._checkpoint(now, force=True)
 
-    def finish(self, session_id: str, api_key: str, completion_tokens: int) -> None:
-        """A session ended: release its budgets, count its tokens against its key."""
+    def finish(
+        self, session_id: str, api_key: str, completion_tokens: int, rounds: list[dict] | None = None
+    ) -> None:
+        """A session ended: release its budgets (deep slot, nodes it held), count its tokens against
+        its key, and take its rounds' report (services/ingress/chat.round_reports) for statistics.
+        A report that does not parse costs its statistics, nothing else."""
+        self.calls["finish"] += 1
         now = self.clock()
         self.budgets.finish(session_id, now)
         if completion_tokens:
             self.budgets.add_tokens(api_key, completion_tokens, now)
+        for r in rounds or ():
+            if isinstance(r, dict) and isinstance(r.get("decision"), str):
+                self.decisions[r["decision"]] += 1
+                self.reported[str(r.get("decided_by", ""))] += 1
+                self.reported["answer_changed"] += bool(r.get("answer_changed"))
         self._checkpoint(now, force=True)
 
     # --- introspection ----------------------------------------------------------------------------
@@ -149,6 +172,9 @@ class DepthControl:
             "incarnation": self.incarnation,
             "budgets": self.budgets.stats(now),
             "peak_tot_nodes_in_flight": self.peak_nodes_in_flight,
+            "calls": dict(self.calls),
+            "reported_rounds": dict(self.reported),
+            "verdicts": self.cfg.verdicts,
         }
 
     def ping(self) -> str:

@@ -107,9 +107,31 @@ async def accounted(
         log_request(rid, plan, outcome, status, control, api_key=key if acc.auth is not None else "-")
         tokens = outcome.total_completion_tokens if outcome else 0
         access.record_tokens(acc.auth, key, tokens)
-        acc.depth.finish(rid, key, tokens)
+        acc.depth.finish(rid, key, tokens, round_reports(outcome))
         acc.records.record(rid, finished_record(outcome, acc.default_domain))
         acc.on_exit(rid)  # its trace goes first when a shard needs room (kept while there is room)
+
+
+def round_reports(o: Outcome | None) -> list[dict]:
+    """Per-round outcomes of a chain, as depth control takes them at finish (statistics and
+    calibration; verdicts never wait on them). Tree-of-Thought nodes are not rounds of a chain."""
+    if o is None:
+        return []
+    out, previous = [], None
+    for r in o.rounds:
+        if r.decided_by == "tot":
+            continue
+        out.append(
+            {
+                "decision": r.decision,
+                "decided_by": r.decided_by,
+                "confidence": r.confidence,
+                "completion_tokens": r.completion_tokens,
+                "answer_changed": previous is not None and r.answer != previous,
+            }
+        )
+        previous = r.answer
+    return out
 
 
 def finished_record(o: Outcome | None, default_domain: str) -> dict | None:

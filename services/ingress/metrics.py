@@ -20,6 +20,8 @@ from services.reasoning.tiers import Verdict
 log = logging.getLogger("ponder.requests")
 
 LATENCY_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
+# A router's own verdict takes microseconds; an actor round trip, milliseconds (more under load).
+VERDICT_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 ROUNDS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
 CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
 NODES = (1, 2, 4, 8, 16, 32, 64)
@@ -69,9 +71,9 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
     ),
     "ponder_depth_decision_seconds": (
         "histogram",
-        "Latency of a depth-control decision call.",
-        (),
-        LATENCY_S,
+        "Time a round waited for its verdict: the router's own under the granted plan, or an actor call.",
+        ("decided_by",),
+        VERDICT_S,
     ),
     "ponder_round_retries": (
         "counter",
@@ -142,8 +144,8 @@ class Recorder:
     def retry(self, kind: str) -> None:
         self._put("ponder_round_retries", 1, kind=kind)
 
-    def decision_latency(self, seconds: float) -> None:
-        self._put("ponder_depth_decision_seconds", seconds)
+    def decision_latency(self, seconds: float, decided_by: str) -> None:
+        self._put("ponder_depth_decision_seconds", seconds, decided_by=decided_by)
 
     def request(
         self,

@@ -78,6 +78,7 @@ class Router:
             self.rcfg.depth_control_timeout_s,
             self.rcfg.tot_grant_wait_s,
             on_decision=self.metrics.decision_latency,
+            node_lease=self.cfg.depth_control.node_lease,
         )
         self.records = app.state.records = RecordsClient(records, self.rcfg.depth_control_timeout_s)
         self.kv = store_client(self.cfg)  # the KV shards' client (hints), or None when the store is off
@@ -159,10 +160,12 @@ class Router:
         return JSONResponse(await responses.complete(events, meta))
 
     async def _admit(self, rid, key, asked, plan, control: Control):
-        """Admission by depth control: the domain's live threshold, ceilings lowered under pressure."""
+        """Admission by depth control: the plan it grants (the domain's live threshold, ceilings
+        lowered under pressure, who decides the rounds)."""
         adm = await self.control.admit(rid, key, plan, control)
-        if adm is None:
-            return plan
+        if adm is None:  # unreachable: the plan's ceilings, with the domain's last granted threshold
+            last = self.control.last_threshold(plan.domain)
+            return self.planner.admitted(plan, asked, Admission(plan.max_rounds, plan.min_rounds, last))
         admission = Admission.from_dict(adm)
         control.degraded, control.reasons = admission.degraded, list(admission.reasons)
         return self.planner.admitted(plan, asked, admission)

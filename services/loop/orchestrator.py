@@ -86,7 +86,6 @@ class Orchestrator:
         self._max_len = max_model_len
         self._min_tokens = min_round_tokens
         self._clock = clock
-        self._pending: set[asyncio.Future] = set()  # depth-control calls nobody waits for
 
     def render(self, conversation: Sequence[Message], earlier_rounds: Sequence[str]) -> list[int]:
         return self._tok.render(round_messages(conversation, earlier_rounds))
@@ -218,16 +217,10 @@ class Orchestrator:
         assert record.signals is not None
         asked = asyncio.ensure_future(decide(plan, record.index + 1, record.signals))
         next_prompt: list[int] | None = None
-        if loop.guarded(record.signals):
-            # The local guard fixes this round's outcome (min_rounds or ceiling): depth control
-            # is told, but nothing waits for an answer that cannot change it.
-            self._pending.add(asked)
-            asked.add_done_callback(self._pending.discard)
-            remote = None
-        else:
-            # Render the next prompt while the actor answers: the two overlap.
+        if not loop.guarded(record.signals):
+            # Render the next prompt while the verdict comes (an actor call when the plan asks one).
             next_prompt = self._tok.render(round_messages(conversation, history))
-            remote = await asked
+        remote = await asked
         verdict = loop.settle(record, remote)
         if verdict.exit:
             return verdict, None, None

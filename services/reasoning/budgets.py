@@ -283,3 +283,35 @@ class Budgets:
             "denied_node_grants": self.denied_grants,
             "sessions_waiting_for_nodes": len(self.waiting),
         }
+
+
+@dataclass
+class NodeLease:
+    """One session's Tree-of-Thought nodes as its router holds them (pure). Depth control grants
+    nodes in batches of `lease` expansions' worth and counts them in flight until the session
+    finishes; the search reuses them for its later expansions, so it asks the actor again only when
+    it wants more than it holds. Children being generated never exceed what is held, so the
+    cluster-wide cap holds exactly."""
+
+    lease: int = 1  # expansions' worth of nodes asked at once
+    held: int = 0  # granted by depth control (its in-flight count for this session)
+    busy: int = 0  # being generated now
+
+    @property
+    def free(self) -> int:
+        return self.held - self.busy
+
+    def ask(self, wanted: int) -> int:
+        """Nodes to ask of depth control before `take(wanted)`; 0 when enough are held."""
+        return 0 if self.free >= wanted else wanted * self.lease - self.free
+
+    def add(self, granted: int) -> None:
+        self.held += max(0, granted)
+
+    def take(self, wanted: int) -> int:
+        n = max(0, min(wanted, self.free))
+        self.busy += n
+        return n
+
+    def put(self, n: int) -> None:
+        self.busy -= max(0, min(n, self.busy))

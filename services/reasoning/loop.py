@@ -1,7 +1,9 @@
 """The round loop's state machine (pure): what each round is for, and when the loop ends.
 
-The depth-control actor is the authority on continue/exit, but the loop re-checks every verdict
-against its own plan: the ceiling and the min-round guard hold even when the actor is wrong or gone.
+Depth control is the authority on the plan (ceilings, min rounds, the exit rule, granted at
+admission); verdicts under it come from the router or, where the plan says so, the actor. The loop
+re-checks every verdict against its own plan: the ceiling and the min-round guard hold even when a
+verdict is wrong or depth control is gone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from services.reasoning.signals import Signals
-from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict, decide
+from services.reasoning.tiers import Action, DecidedBy, Reason, RoundPlan, Verdict, decide
 
 
 class StreamRole(StrEnum):
@@ -118,7 +120,12 @@ class RoundLoop:
         verdict = local if remote is None or guarded else remote
         record.decision = verdict.reason.value
         record.detail = verdict.detail
-        record.decided_by = "local" if remote is None or (guarded and remote != local) else "depth_control"
+        if remote is None:
+            record.decided_by = DecidedBy.LOCAL.value  # no verdict came: depth control is unreachable
+        elif guarded and remote != local:
+            record.decided_by = DecidedBy.ROUTER.value  # the plan's own guard overrode the verdict
+        else:
+            record.decided_by = remote.by.value
         if verdict.action is Action.EXIT:
             self.exit_reason = verdict.reason
         return verdict
@@ -129,7 +136,7 @@ class RoundLoop:
             raise RuntimeError("cannot stop before the first round")
         self.exit_reason = reason
         self.rounds[-1].decision = reason.value
-        self.rounds[-1].decided_by = "local"
+        self.rounds[-1].decided_by = DecidedBy.ROUTER.value
 
     @property
     def final(self) -> RoundRecord:

@@ -192,11 +192,20 @@ class Reason(StrEnum):
     NODE_BUDGET = "node_budget"  # exit (Tree-of-Thought): node budget spent or not granted
 
 
+class DecidedBy(StrEnum):
+    """Who settled a round (a round record's `decided_by`)."""
+
+    ROUTER = "router"  # the router, with the pure policy, under the plan depth control granted
+    ACTOR = "depth_control"  # the depth-control actor, asked for this round (verdicts: actor)
+    LOCAL = "local"  # the router alone: depth control was unreachable; the plan's hard ceilings hold
+
+
 @dataclass(frozen=True)
 class Verdict:
     action: Action
     reason: Reason
     detail: tuple[str, ...] = field(default=(), compare=False)  # the exit rule's criteria, explained
+    by: DecidedBy = field(default=DecidedBy.ROUTER, compare=False)
 
     @property
     def exit(self) -> bool:

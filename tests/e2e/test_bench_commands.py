@@ -12,10 +12,10 @@ from cluster.models import TINY_MODEL
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_overhead_runs_and_depth_control_decides_the_rounds(tmp_path, capsys):
+def test_bench_overhead_runs_and_the_router_decides_the_rounds(tmp_path, capsys):
     out = tmp_path / "overhead.json"
     argv = ["bench", "overhead", "--requests", "2", "--rounds", "3", "--max-tokens", "4", "--json", str(out)]
-    assert cli.main(argv) == 0  # it raises unless depth control decided rounds 1..R-1
+    assert cli.main(argv) == 0  # it raises unless the router decided every round under the plan
     res = json.loads(out.read_text())
     assert res["model"] == TINY_MODEL and res["requests"] == 2 and res["rounds_per_request"] == 3
     assert res["direct_round_ms_p50"] > 0 and res["routed_round_ms_p50"] > 0
@@ -43,3 +43,31 @@ def test_bench_observe_scrapes_ponder_series_and_draws_them(tmp_path):
     assert res["requests"] == 3 and res["status_codes"] == {"200": 3}
     finished = sum(v for k, v in res["final"].items() if k.startswith("ray_ponder_requests_total{"))
     assert finished >= 3  # the series the picture draws were really scraped
+
+
+def test_bench_control_counts_the_actor_s_calls_and_router_verdicts_wait_for_none(tmp_path, capsys):
+    out = tmp_path / "control.json"
+    argv = [
+        "bench",
+        "control",
+        "--sessions",
+        "1,4",
+        "--rounds",
+        "3",
+        "--min-requests",
+        "4",
+        "--json",
+        str(out),
+    ]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    router, actor = res["by_mode"]["router"], res["by_mode"]["actor"]
+    assert [x["sessions"] for x in res["levels"]] == [1, 4]
+    assert all(x["failures"] == 0 for x in router + actor)
+    assert res["actor_calls_per_request"] == 2.0  # admit and finish, counted by the actor
+    assert all(x["actor_calls_per_request"] == 4.0 for x in actor)  # + a verdict for rounds 1 and 2
+    assert max(x["added_ms_p99"] for x in router) < min(x["added_ms_p50"] for x in actor)
+    assert res["actor_sessions_per_s"] > 0
+    tot = res["tot"]  # Tree-of-Thought: node leases, not a call per expansion
+    assert tot["expansions_per_request"] >= 2 and tot["actor_calls_per_request"] <= tot["bound_per_request"]
+    assert "verdict wait per round" in capsys.readouterr().out

@@ -102,9 +102,66 @@ def test_tot_never_exceeds_node_or_depth_budgets_under_concurrency(http, cfg):
         assert len(s["rounds"]) == len(s["tot"]["best_path"]) <= s["tot"]["depth"]
         usage = r.json()["usage"]
         assert usage["completion_tokens"] >= sum(x["completion_tokens"] for x in s["rounds"])
-    stats = ray.get(actor(cfg).stats.remote())
+    stats = settled(cfg)
     assert 1 <= stats["peak_tot_nodes_in_flight"] <= NODE_CAP  # the shared budget held
-    assert stats["budgets"]["tot_nodes_in_flight"] == 0  # every grant was released
+    assert stats["budgets"]["tot_nodes_in_flight"] == 0  # every lease was freed when its search ended
+
+
+def settled(cfg, timeout_s: float = 60.0) -> dict:
+    """Depth control's stats once every finished session's (fire-and-forget) finish has landed."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := ray.get(actor(cfg).stats.remote()))["budgets"]["sessions"] > 0:
+        assert time.monotonic() < deadline, "sessions still open"
+        time.sleep(0.05)
+    return stats
+
+
+def test_depth_control_costs_two_calls_per_chain_and_one_lease_per_search(http, cfg):
+    """Central policy, local verdicts: admit and finish, whatever the rounds; ToT nodes in leases."""
+    before = settled(cfg)["calls"]
+    chain = {"tier": "medium", "min_rounds": 1, "confidence_threshold": 1.0}
+    r = http.post("/v1/chat/completions", json=body(cfg, chain, max_tokens=6, ignore_eos=True))
+    assert r.status_code == 200, r.text
+    rounds = r.json()["reasoning"]["rounds"]
+    assert len(rounds) == 4 and [x["decided_by"] for x in rounds] == ["router"] * 4
+    after = settled(cfg)["calls"]
+    moved = {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
+    assert {k: v for k, v in moved.items() if v} == {"admit": 1, "finish": 1}
+    tot = http.post("/v1/chat/completions", json=body(cfg, {"tier": "high", "tot": {"branching": 2}}))
+    assert tot.status_code == 200, tot.text
+    expansions = tot.json()["choices"][0]["message"]["reasoning_content"].count("[tot: expanding node")
+    assert expansions >= 2
+    final = settled(cfg)["calls"]
+    grants = final.get("grant_nodes", 0) - after.get("grant_nodes", 0)
+    lease = cfg.depth_control.node_lease
+    assert 1 <= grants <= -(-expansions // lease)
+    assert final["admit"] - after["admit"] == 1 and final["finish"] - after["finish"] == 1
+    assert final.get("decide", 0) == after.get("decide", 0) and final.get("release_nodes", 0) == 0
+
+
+def test_a_changed_domain_threshold_reaches_new_requests_within_5_s(http, cfg):
+    """The records actor's table (written here as an operator would, same file) is granted to new
+    admissions within threshold_refresh_s; the bound promised is 5 s."""
+    from services.control.records import state_path
+    from services.control.state import StateStore
+
+    def granted() -> float:
+        b = body(cfg, {"tier": "low", "domain": "general"}, max_tokens=2)
+        r = http.post("/v1/chat/completions", json=b)
+        assert r.status_code == 200, r.text
+        return r.json()["reasoning"]["confidence_threshold"]
+
+    store = StateStore(state_path(cfg.depth_control))
+    old = granted()
+    new = 0.5 if old != 0.5 else 0.6
+    t0 = time.monotonic()
+    store.set_threshold("general", new, source="operator", now=time.time())
+    try:
+        while (seen := granted()) != new:
+            assert seen == old and time.monotonic() - t0 < 5.0, f"still {seen} after 5 s"
+        assert time.monotonic() - t0 <= 5.0
+    finally:
+        store.set_threshold("general", old, source="operator", now=time.time())
 
 
 def test_pressure_degrades_ceilings_instead_of_failing(http, cfg):

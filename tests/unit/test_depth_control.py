@@ -47,8 +47,8 @@ def test_a_restarted_actor_resumes_sessions_nodes_and_counters(cfg):
     first = a.admit("s1", "k", "medium", 3, 4, "general")
     assert first["degraded"] is False and first["max_rounds"] == 4
     assert a.grant_nodes("s1", 2) == 2
-    plan = make_plan(a.table, "medium")
-    a.decide(plan.__dict__, 1, None)
+    a.admit("s0", "k", "low", 1, 2, "general")  # a shallow session, finished with its report
+    a.finish("s0", "k", 3, [{"decision": "min_rounds", "decided_by": "router"}])
     b = DepthControl(cfg, "cluster-1", clock)  # Ray re-runs __init__ with the same arguments
     assert b.starts == 2
     assert b.stats()["decisions"] == {"min_rounds": 1}
@@ -95,11 +95,36 @@ def test_finish_counts_the_sessions_tokens_against_its_key(cfg):
 
 
 def test_feedback_moves_the_threshold_depth_control_admits_with(cfg):
-    """Two actors, one file: a threshold feedback raised is what the next admission carries."""
-    a, r = DepthControl(cfg, "c", Clock()), ControlRecords(cfg, Clock())
-    before = a.admit("s0", "k", "medium", 3, 4, "general")["domain_threshold"]
-    r.store.set_threshold("general", before + 0.05, source="feedback", now=1.0)
-    assert a.admit("s1", "k", "medium", 3, 4, "general")["domain_threshold"] == before + 0.05
+    """Two actors, one file: a threshold feedback raised is what admissions carry within
+    threshold_refresh_s (a versioned pull: no SQLite read per admission)."""
+    clock = Clock()
+    a, r = DepthControl(cfg, "c", clock), ControlRecords(cfg, clock)
+    first = a.admit("s0", "k", "low", 1, 2, "general")
+    before = first["domain_threshold"]
+    assert first["threshold_version"] == 0.0 and first["verdicts"] == "router"
+    r.store.set_threshold("general", before + 0.05, source="feedback", now=clock.t)
+    clock.t += a.cfg.threshold_refresh_s / 2
+    assert a.admit("s1", "k", "low", 1, 2, "general")["domain_threshold"] == before  # not yet read
+    clock.t += a.cfg.threshold_refresh_s / 2
+    later = a.admit("s2", "k", "low", 1, 2, "general")
+    assert later["domain_threshold"] == before + 0.05 and later["threshold_version"] == 1000.0
+
+
+def test_finish_takes_the_rounds_report_and_the_actor_counts_its_calls(cfg):
+    a = DepthControl(cfg, "c", Clock())
+    a.admit("s", "k", "low", 1, 2, "math")
+    report = [
+        {"decision": "below_threshold", "decided_by": "router", "answer_changed": False},
+        {"decision": 3},  # does not parse: its statistics are lost, nothing else
+        "garbage",
+        {"decision": "confidence", "decided_by": "router", "answer_changed": True},
+    ]
+    a.finish("s", "k", 7, report)
+    stats = a.stats()
+    assert stats["decisions"] == {"below_threshold": 1, "confidence": 1}
+    assert stats["reported_rounds"] == {"router": 2, "answer_changed": 1}
+    assert stats["calls"] == {"admit": 1, "finish": 1}
+    assert a.budgets.stats(a.clock())["sessions"] == 0
 
 
 def test_reviews_survive_a_restart_and_decide_once(cfg):
@@ -130,7 +155,7 @@ def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
 
 def test_uncalibrated_domain_threshold_rises_when_confident_exits_trail_ceiling_runs(cfg):
     a = ControlRecords(cfg, Clock())
-    start = DepthControl(cfg, "c", Clock())._threshold("general")
+    start = DepthControl(cfg, "c", Clock()).thresholds.get("general", 0.0).value
 
     def finished(i, reason, correct):
         rid = f"chatcmpl-{reason}-{i}"

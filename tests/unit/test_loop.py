@@ -16,7 +16,7 @@ from services.loop.orchestrator import (
 )
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message
-from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
+from services.reasoning.tiers import Action, DecidedBy, Reason, RoundPlan, Verdict
 from services.worker.engine import GenerateDelta, SamplingSpec
 
 SURE = ((1, 0.0),)
@@ -56,7 +56,11 @@ def remote(action=None):
         return (
             None
             if action is None
-            else Verdict(action, Reason.CONFIDENCE if action is Action.EXIT else Reason.BELOW_THRESHOLD)
+            else Verdict(
+                action,
+                Reason.CONFIDENCE if action is Action.EXIT else Reason.BELOW_THRESHOLD,
+                by=DecidedBy.ACTOR,
+            )
         )
 
     return decide
@@ -98,7 +102,8 @@ def test_min_rounds_hold_even_if_depth_control_says_exit():
     outcome = events[-1].outcome
     assert len(outcome.rounds) == 3
     assert outcome.exit_reason is Reason.CONFIDENCE
-    assert [r.decided_by for r in outcome.rounds] == ["local", "local", "depth_control"]
+    # the plan's guard overrode the actor's exit twice (the router decided), then the actor's verdict
+    assert [r.decided_by for r in outcome.rounds] == ["router", "router", "depth_control"]
 
 
 def test_ceiling_holds_even_if_depth_control_says_continue():
