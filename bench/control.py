@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import statistics
@@ -150,16 +151,23 @@ async def make_router(cfg: AppConfig):
 
 @contextlib.contextmanager
 def outside_serve() -> Iterator[None]:
-    """Put back what `make_router` changes in this process: Serve's replica context and the level of
-    Ponder's loggers (the router's __init__ sets it)."""
+    """Put back what `make_router` changes in this process: Serve's replica context, the level of
+    Ponder's loggers and the FastAPI app's state (the router's __init__ sets both), so no handle of
+    this run's actors outlives its cluster (Ray aborts the process when one is dropped later)."""
     from ray import serve
 
+    from services.ingress.router import app
+
     context, level = serve.get_replica_context, logging.getLogger("ponder").level
+    state = dict(app.state._state)
     try:
         yield
     finally:
         serve.get_replica_context = context
         logging.getLogger("ponder").setLevel(level)
+        app.state._state.clear()
+        app.state._state.update(state)
+        gc.collect()  # the routers and their actor handles, before the cluster goes
 
 
 async def run_level(router, cfg: AppConfig, sessions: int, args: argparse.Namespace) -> dict:
@@ -280,7 +288,9 @@ async def saturation(router, in_flight: int = 256, seconds: float = 3.0) -> floa
     return done / (time.perf_counter() - t0)
 
 
-async def measure_mode(cfg: AppConfig, args: argparse.Namespace, levels: list[int], mode: str) -> dict:
+async def measure_mode(
+    cfg: AppConfig, args: argparse.Namespace, levels: list[int], mode: str, last: bool
+) -> dict:
     router = await make_router(cfg)
     out = []
     for n in levels:
@@ -298,7 +308,8 @@ async def measure_mode(cfg: AppConfig, args: argparse.Namespace, levels: list[in
             f"{tot['expansions_per_request']:.1f} expansions (bound {tot['bound_per_request']:.2f})",
             flush=True,
         )
-    return {"levels": out, "router": router, "tot": tot}
+    rate = await saturation(router) if last else None
+    return {"levels": out, "tot": tot, "rate": rate}
 
 
 def main(args: argparse.Namespace) -> int:
@@ -322,10 +333,8 @@ def main(args: argparse.Namespace) -> int:
                 cfg = bench_config(args, mode)
                 start_control(cfg.depth_control)
                 print(f"{mode}: verdicts by the {mode}", flush=True)
-                got = asyncio.run(measure_mode(cfg, args, levels, mode))
-                results[mode], tot = got["levels"], tot or got["tot"]
-                if mode == modes[-1]:
-                    rate = asyncio.run(saturation(got["router"]))
+                got = asyncio.run(measure_mode(cfg, args, levels, mode, last=mode == modes[-1]))
+                results[mode], tot, rate = got["levels"], tot or got["tot"], got["rate"]
     finally:
         ray.shutdown()
     res = summarize(results, rate, tot, args)
