@@ -118,6 +118,11 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     user: Text | None = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens every round.")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
+        None,
+        description="OpenAI's reasoning effort: the tier of that name (reasoning.tier, if set too, must "
+        "agree). Absent: reasoning.tier, else the tier scored from the prompt.",
+    )
     reasoning: ReasoningOptions | None = None
 
     @field_validator("stop")

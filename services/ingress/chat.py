@@ -16,7 +16,7 @@ from services.ingress.api import ApiError, ChatRequest, ReasoningOptions
 from services.ingress.metrics import Recorder, log_request, log_round
 from services.loop.events import Event, Finished, Outcome, RoundDone
 from services.reasoning.planning import PlanRequest
-from services.reasoning.tiers import RoundPlan
+from services.reasoning.tiers import PlanError, RoundPlan
 from services.worker.engine import SamplingSpec
 
 
@@ -58,11 +58,21 @@ def sampling(req: ChatRequest, rcfg: RouterConfig) -> SamplingSpec:
 
 
 def plan_request(req: ChatRequest) -> PlanRequest:
-    """What the request asks of its reasoning, for the planner (services/reasoning/planning.py)."""
+    """What the request asks of its reasoning, for the planner (services/reasoning/planning.py).
+    OpenAI's `reasoning_effort` names a tier; PlanError when it contradicts `reasoning.tier`."""
     r = req.reasoning or ReasoningOptions()
+    tier = r.tier
+    if req.reasoning_effort is not None:
+        if tier is not None and tier != req.reasoning_effort:
+            raise PlanError(
+                f"reasoning_effort {req.reasoning_effort!r} and reasoning.tier {tier!r} disagree; "
+                "set one of them",
+                "reasoning_effort",
+            )
+        tier = req.reasoning_effort
     return PlanRequest(
         user_text="\n".join(m.text() for m in req.messages if m.role == "user"),
-        tier=r.tier,
+        tier=tier,
         domain=r.domain,
         max_rounds=r.max_rounds,
         min_rounds=r.min_rounds,

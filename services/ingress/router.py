@@ -32,6 +32,7 @@ from services.provision import store_client
 from services.reasoning.complexity import ComplexityConfig
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.planning import Admission, RequestPlanner
+from services.reasoning.thinking import markers_in_template
 from services.reasoning.tiers import PlanError, TierTable
 
 app = FastAPI(
@@ -69,6 +70,8 @@ class Router:
             self.domains,
         )
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "")
+        # A model that thinks natively: its trace becomes reasoning_content (configured or detected).
+        self.trace = self.cfg.engine.reasoning or markers_in_template(self.tokenizer.chat_template)
         self.metrics = Recorder()
         self.workers = WorkerClient(worker, self.rcfg.round_retries, on_retry=self.metrics.retry)
         # Created at application start-up (services/provision.py); a replica only finds them.
@@ -104,6 +107,8 @@ class Router:
                 vocab_size=info["vocab_size"],
                 max_model_len=info["max_model_len"],
                 min_round_tokens=self.rcfg.min_round_tokens,
+                trace=self.trace,
+                trace_opened=self.trace is not None and self.tokenizer.opens(self.trace.start),
             )
         return self._orchestrator
 
@@ -111,9 +116,10 @@ class Router:
     async def chat_completions(self, req: ChatRequest, request: Request):
         # validate
         chat.check(req, self.model, self.rcfg)
-        sampling, asked = chat.sampling(req, self.rcfg), chat.plan_request(req)
+        sampling = chat.sampling(req, self.rcfg)
         # plan
         try:
+            asked = chat.plan_request(req)
             planned = self.planner.plan(asked)
         except PlanError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc

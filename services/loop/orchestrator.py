@@ -35,6 +35,7 @@ from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_ro
 from services.reasoning.prompts import Message, round_messages
 from services.reasoning.pruning import PruneError, fit_transcript
 from services.reasoning.signals import Signals, extract_answer, stable_rounds
+from services.reasoning.thinking import REASONING, TraceMarkers, TraceSplitter, split_trace
 from services.reasoning.tiers import Reason, RoundPlan, Verdict
 from services.worker.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
 
@@ -77,6 +78,8 @@ class Orchestrator:
         min_round_tokens: int = 16,
         clock: Callable[[], float] = time.perf_counter,
         expand: ExpandFn | None = None,
+        trace: TraceMarkers | None = None,
+        trace_opened: bool = False,
     ) -> None:
         self._generate = generate
         self._expand = expand
@@ -86,6 +89,15 @@ class Orchestrator:
         self._max_len = max_model_len
         self._min_tokens = min_round_tokens
         self._clock = clock
+        # A model that thinks natively: its trace is reasoning, the text after it the answer.
+        self._trace, self._trace_opened = trace, trace_opened
+
+    def split(self, text: str) -> tuple[str, str]:
+        """(thinking trace, answer) of a round's text; no trace when the model does not think."""
+        return split_trace(text, self._trace, self._trace_opened) if self._trace else ("", text)
+
+    def _splitter(self) -> TraceSplitter | None:
+        return TraceSplitter(self._trace, self._trace_opened) if self._trace else None
 
     def render(self, conversation: Sequence[Message], earlier_rounds: Sequence[str]) -> list[int]:
         return self._tok.render(round_messages(conversation, earlier_rounds))
@@ -179,12 +191,15 @@ class Orchestrator:
             )
             if role is StreamRole.REASONING:
                 yield ReasoningDelta(round_header(index))
-            acc = Accumulator()
+            acc, live = Accumulator(), self._splitter() if role is StreamRole.FINAL else None
             start = self._clock()
             async for delta in self._generate(f"{request_id}-r{index}", prompt, spec):
                 acc.add(delta, (self._clock() - start) * 1000.0)
                 if delta.text and role is not StreamRole.UNDECIDED:
-                    yield (ContentDelta if role is StreamRole.FINAL else ReasoningDelta)(delta.text)
+                    for event in _live_text(role, live, delta.text):
+                        yield event
+            for event in _live_text(role, live, None):
+                yield event
             record = self.record(index, acc, prompt, (self._clock() - start) * 1000.0, loop.rounds)
             record.pruned = pruned
             verdict, next_prompt, pruned = await self._settle(
@@ -192,14 +207,15 @@ class Orchestrator:
             )
             if next_prompt is not None:
                 prompt = next_prompt
-            for event in _settled_text(role, record, loop.done):
+            for event in _settled_text(role, record, self.split(record.text), loop.done):
                 yield event
             yield RoundDone(record, verdict)
             if loop.done:
                 break
         assert loop.exit_reason is not None
+        trace, answer = self.split(loop.final.text)
         yield Finished(
-            Outcome(plan, loop.rounds, loop.exit_reason, loop.final.text, reasoning_text(loop.earlier))
+            Outcome(plan, loop.rounds, loop.exit_reason, answer, reasoning_text(loop.earlier) + trace)
         )
 
     async def _settle(
@@ -242,7 +258,7 @@ class Orchestrator:
     ) -> RoundRecord:
         text = "".join(acc.text)
         confidence = round_confidence(text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode)
-        answer = extract_answer(text)
+        answer = extract_answer(self.split(text)[1] or text)  # mid-trace: what the trace says so far
         # Entropy confidence over the answer span (as `confidence`); DeepConf signals over the round.
         signals = dataclasses.replace(
             Signals.compute(acc.logprobs, self._vocab),
@@ -266,13 +282,26 @@ class Orchestrator:
         )
 
 
-def _settled_text(role: StreamRole, record: RoundRecord, last: bool) -> list[Event]:
-    """What to emit once a round's verdict is known, given what was already streamed."""
+def _live_text(role: StreamRole, live: TraceSplitter | None, text: str | None) -> list[Event]:
+    """A delta as it streams: a reasoning round's text is reasoning; the last round's is content, but
+    for a thinking model's trace (`live` splits it). `text` None: the round ended (flush)."""
+    if role is StreamRole.REASONING:
+        return [ReasoningDelta(text)] if text else []
+    if live is None:
+        return [ContentDelta(text)] if text else []
+    parts = live.feed(text) if text is not None else live.flush()
+    return [(ReasoningDelta if kind == REASONING else ContentDelta)(t) for kind, t in parts]
+
+
+def _settled_text(role: StreamRole, record: RoundRecord, split: tuple[str, str], last: bool) -> list[Event]:
+    """What to emit once a round's verdict is known, given what was already streamed. `split` is
+    the round's (thinking trace, answer); the trace is reasoning."""
+    trace, answer = split
     if role is StreamRole.UNDECIDED:
         if last:
-            return [ContentDelta(record.text)]
+            return ([ReasoningDelta(trace)] if trace else []) + [ContentDelta(answer)]
         return [ReasoningDelta(round_header(record.index) + record.text + "\n\n")]
     if role is StreamRole.REASONING:
         # Streamed as reasoning; only a context stop makes such a round the last one.
-        return [ReasoningDelta("\n\n")] + ([ContentDelta(record.text)] if last else [])
+        return [ReasoningDelta("\n\n")] + ([ContentDelta(answer)] if last else [])
     return []

@@ -26,3 +26,14 @@ class HfTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def chat_template(self) -> str:
+        return str(self._tok.chat_template)
+
+    def opens(self, marker: str) -> bool:
+        """Whether the template's generation prompt ends with `marker` (it opens the model's trace)."""
+        text = self._tok.apply_chat_template(
+            [{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False
+        )
+        return text.rstrip().endswith(marker)

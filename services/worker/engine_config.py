@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kvstore.connector.config import KvConnectorConfig
+from services.reasoning.thinking import TraceMarkers
 
 MiB = 1 << 20
 
@@ -67,6 +68,12 @@ class EngineConfig(BaseModel):
             "auto binding (NUMA node 0's cores but one: 1 on a 2-core box). N: in-process -> "
             "OMP_NUM_THREADS=N, unpinned; worker process -> pinned to the first N allowed CPUs."
         ),
+    )
+    reasoning: TraceMarkers | None = Field(
+        None,
+        description="A model that thinks natively: the strings around its thinking trace "
+        "(`{start: '<think>', end: '</think>'}`), which the router turns into reasoning_content. "
+        "None: read from the chat template (a template that uses <think> and </think>).",
     )
     kv_connector: KvConnectorConfig | None = Field(
         None, description="Ponder's KV store connector (set from the app's kvstore section); None = off."

@@ -120,6 +120,19 @@ def test_stream_sends_reasoning_then_content_matching_the_blocking_answer(client
     assert usage.completion_tokens == blocking.usage.completion_tokens
 
 
+def test_reasoning_effort_picks_the_tier_of_its_name(client, app_config):
+    """OpenAI's own parameter, as its client sends it."""
+    for effort in ("low", "medium"):
+        r = client.chat.completions.create(
+            model=app_config.engine.model,
+            messages=[{"role": "user", "content": "What is 2 + 3?"}],
+            max_tokens=4,
+            reasoning_effort=effort,
+        )
+        summary = r.model_extra["reasoning"]
+        assert summary["tier"] == effort and summary["tier_reason"] == "requested", summary
+
+
 def test_models_and_health(http, app_config):
     data = http.get("/v1/models").json()
     assert [m["id"] for m in data["data"]] == [app_config.engine.model]
@@ -193,6 +206,18 @@ def _bad(model):
             "max_tokens",
         ),
         (
+            "unknown reasoning_effort",
+            {"model": model, "messages": msg, "reasoning_effort": "extreme"},
+            400,
+            "reasoning_effort",
+        ),
+        (
+            "reasoning_effort against reasoning.tier",
+            {"model": model, "messages": msg, "reasoning_effort": "low", "reasoning": {"tier": "high"}},
+            400,
+            "reasoning_effort",
+        ),
+        (
             "prompt longer than the context",
             {"model": model, "messages": [{"role": "user", "content": "lorem ipsum " * 3000}]},
             400,
@@ -201,7 +226,7 @@ def _bad(model):
     ]
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(20))
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(http, app_config, case):
     name, body, status, param = _bad(app_config.engine.model)[case]
     if isinstance(body, bytes):

@@ -16,6 +16,7 @@ from services.loop.orchestrator import (
 )
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message
+from services.reasoning.thinking import TraceMarkers
 from services.reasoning.tiers import Action, DecidedBy, Reason, RoundPlan, Verdict
 from services.worker.engine import GenerateDelta, SamplingSpec
 
@@ -195,3 +196,43 @@ def test_a_round_cut_at_max_tokens_reports_length_up_to_the_response():
 async def _aiter(items):
     for x in items:
         yield x
+
+
+class ThinkingEngine:
+    """A model that thinks natively: each round's text arrives in these pieces (markers split)."""
+
+    PIECES = ("<thi", "nk>2 + 2 is ", "4, sure</th", "ink>\nFinal answer: ", "4")
+
+    async def generate(self, rid, prompt, spec):
+        for i, piece in enumerate(self.PIECES):
+            last = i == len(self.PIECES) - 1
+            yield GenerateDelta(piece, [3], [SURE], finished=last, finish_reason="stop" if last else None)
+
+
+@pytest.mark.parametrize("plan", [RoundPlan("low", 1, 1, None), RoundPlan("medium", 1, 2, 0.5)])
+def test_a_native_thinking_trace_is_reasoning_and_the_stream_matches_the_answer(plan):
+    """FINAL (one round: streamed live, split as it streams) and UNDECIDED (held, split at the end)."""
+    o = Orchestrator(
+        ThinkingEngine().generate,
+        remote(None),
+        WordTokenizer(),
+        vocab_size=100,
+        max_model_len=4096,
+        min_round_tokens=4,
+        trace=TraceMarkers(),
+    )
+    events = run(o, plan)
+    outcome = events[-1].outcome
+    assert len(outcome.rounds) == 1
+    assert outcome.content == "\nFinal answer: 4" and outcome.rounds[0].answer == "4"
+    assert outcome.reasoning_content == "2 + 2 is 4, sure"
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == outcome.content
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == outcome.reasoning_content
+    kinds = [type(e) for e in events if isinstance(e, (ContentDelta, ReasoningDelta))]
+    assert ReasoningDelta not in kinds[kinds.index(ContentDelta) :]  # the trace, then the answer
+
+
+def test_without_trace_markers_the_markers_are_just_text():
+    o = orch(ThinkingEngine(), remote(None))
+    outcome = run(o, RoundPlan("low", 1, 1, None))[-1].outcome
+    assert outcome.content.startswith("<think>") and outcome.reasoning_content == ""
