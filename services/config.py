@@ -208,6 +208,8 @@ class AppConfig(_Strict):
         cfg.depth_control.domains_file = _resolve(path, cfg.depth_control.domains_file)
         cfg.depth_control.state_dir = _state_dir(path, cfg.depth_control.state_dir)
         cfg.router.complexity_file = _resolve(path, cfg.router.complexity_file)
+        if cfg.engine.chat_template is not None:
+            cfg.engine.chat_template = _resolve(path, cfg.engine.chat_template)
         if cfg.auth.api_keys_file is not None:
             cfg.auth.api_keys_file = _resolve_keys(path, cfg.auth.api_keys_file)
         read_keys(cfg.auth.api_keys_file, cfg.auth.api_keys_env)  # bad keys fail here, not in a replica

@@ -79,6 +79,11 @@ class ReasoningOptions(BaseModel):
         None, description="cot: one chain of rounds; tot: Tree-of-Thought; default: the tier's."
     )
     tot: TotOptions | None = None
+    mode: Literal["thinking", "rounds"] | None = Field(
+        None,
+        description="For a model that thinks natively: thinking (default; one trace in segments, "
+        "closed for the answer) or rounds (draft, verify, ...; each round's trace parsed out).",
+    )
     kv_store: bool | None = Field(
         None,
         description="Keep this request's KV in the cluster's KV store across rounds and workers "
@@ -122,6 +127,12 @@ class ChatRequest(BaseModel):
         None,
         description="OpenAI's reasoning effort: the tier of that name (reasoning.tier, if set too, must "
         "agree). Absent: reasoning.tier, else the tier scored from the prompt.",
+    )
+    thinking_token_budget: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="vLLM's name: the most thinking tokens (thinking mode), within the tier's.",
     )
     reasoning: ReasoningOptions | None = None
 

@@ -79,6 +79,8 @@ def plan_request(req: ChatRequest) -> PlanRequest:
         confidence_threshold=r.confidence_threshold,
         strategy=r.strategy,
         tot=r.tot.model_dump(exclude_none=True) if r.tot else None,
+        thinking_budget=req.thinking_token_budget,
+        mode=r.mode,
     )
 
 

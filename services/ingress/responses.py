@@ -81,6 +81,7 @@ def reasoning_summary(o: Outcome, meta: Meta) -> dict:
         "exit_rule": o.plan.exit_rule,
         **meta.control.summary(),
         "tot": o.tot,
+        "thinking": o.thinking,
         "rounds": [r.summary() for r in o.rounds],
     }
 

@@ -69,7 +69,7 @@ class Router:
             ComplexityConfig.load(self.rcfg.complexity_file),
             self.domains,
         )
-        self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "")
+        self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "", self.cfg.engine.chat_template)
         # A model that thinks natively: its trace becomes reasoning_content (configured or detected).
         self.trace = self.cfg.engine.reasoning or markers_in_template(self.tokenizer.chat_template)
         self.metrics = Recorder()

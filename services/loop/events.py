@@ -34,6 +34,7 @@ async def local_decide(plan: RoundPlan, rounds_done: int, signals: Signals) -> V
 class Tokenizer(Protocol):
     def render(self, messages: Sequence[Message]) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
+    def encode(self, text: str) -> list[int]: ...
 
 
 class ContextLengthError(ValueError):
@@ -75,6 +76,7 @@ class Outcome:
     # ToT generates nodes off the best path too; these count every token it spent. None: the rounds'.
     all_prompt_tokens: int | None = None
     all_completion_tokens: int | None = None
+    thinking: dict | None = None  # thinking mode: tokens, segments, budget, how the trace closed
 
     @property
     def finish_reason(self) -> str:

@@ -29,6 +29,7 @@ from services.loop.events import (
     Tokenizer,
     local_decide,
 )
+from services.loop.thinking_run import run_thinking
 from services.loop.tot_run import run_tot
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
@@ -37,7 +38,7 @@ from services.reasoning.pruning import PruneError, fit_transcript
 from services.reasoning.signals import Signals, extract_answer, stable_rounds
 from services.reasoning.thinking import REASONING, TraceMarkers, TraceSplitter, split_trace
 from services.reasoning.tiers import Reason, RoundPlan, Verdict
-from services.worker.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
+from services.worker.engine import Accumulator, GenerateDelta, GenerateResult, SamplingSpec, round_tags
 
 __all__ = [  # the loop's types, importable from here as before
     "ContentDelta",
@@ -92,6 +93,25 @@ class Orchestrator:
         # A model that thinks natively: its trace is reasoning, the text after it the answer.
         self._trace, self._trace_opened = trace, trace_opened
 
+    @property
+    def trace(self) -> TraceMarkers | None:
+        return self._trace
+
+    @property
+    def trace_opened(self) -> bool:
+        return self._trace_opened
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def generate(
+        self, request_id: str, prompt: list[int], spec: SamplingSpec
+    ) -> AsyncIterator[GenerateDelta]:
+        return self._generate(request_id, prompt, spec)
+
     def split(self, text: str) -> tuple[str, str]:
         """(thinking trace, answer) of a round's text; no trace when the model does not think."""
         return split_trace(text, self._trace, self._trace_opened) if self._trace else ("", text)
@@ -107,6 +127,10 @@ class Orchestrator:
 
     def room(self, max_tokens: int, prompt: list[int]) -> int:
         return min(max_tokens, self._max_len - len(prompt))
+
+    def spare(self, prompt: list[int]) -> int:
+        """Context left after `prompt` once a round's least room (min_round_tokens) is set aside."""
+        return self._max_len - len(prompt) - self._min_tokens
 
     def prune(
         self, conversation: Sequence[Message], history: Sequence[str], max_tokens: int
@@ -164,6 +188,8 @@ class Orchestrator:
             events = run_tot(
                 self, request_id, conversation, plan, sampling, prompt, grant_nodes, release_nodes, decide
             )
+        elif self._trace is not None and plan.mode == "thinking":  # one native trace, in segments
+            events = run_thinking(self, request_id, plan, sampling, prompt, decide or self._decide)
         else:
             events = self._chain(request_id, conversation, plan, sampling, prompt, decide or self._decide)
         async for ev in events:

@@ -29,6 +29,8 @@ class PlanRequest:
     confidence_threshold: float | None = None
     strategy: str | None = None
     tot: dict[str, int] | None = None
+    thinking_budget: int | None = None
+    mode: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class RequestPlanner:
             strategy=req.strategy,
             domain=domain,
             tot=req.tot,
+            thinking_budget=req.thinking_budget,
+            mode=req.mode,
         )
         return Planned(plan, tier_reason, domain_reason)
 

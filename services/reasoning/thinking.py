@@ -13,7 +13,25 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.reasoning.tiers import RoundPlan
+
 REASONING, CONTENT = "reasoning", "content"
+# Thinking mode. Said when depth control ends a trace the model has not closed, before the end
+# marker, so the answer that follows reads as one; and when a model closes its trace before the
+# least thinking its tier asks for (s1's budget forcing).
+TRANSITION = "\n\nThat is enough thinking; time to give the answer.\n"
+KEEP_THINKING = "\nWait, let me check that again. "
+
+
+def max_thinking_tokens(plan: RoundPlan) -> int:
+    """The most thinking tokens a plan allows: its segments, or the request's budget if lower."""
+    most = plan.max_rounds * plan.segment_tokens
+    return most if plan.thinking_budget is None else min(most, plan.thinking_budget)
+
+
+def min_thinking_tokens(plan: RoundPlan) -> int:
+    """The least thinking a plan asks for: its min_rounds segments (never above the most)."""
+    return min(plan.min_rounds * plan.segment_tokens, max_thinking_tokens(plan))
 
 
 class TraceMarkers(BaseModel):

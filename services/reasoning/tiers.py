@@ -38,6 +38,13 @@ class Tier(BaseModel):
         None, description="Tree-of-Thought settings (services.reasoning.tot.TotConfig) for strategy tot."
     )
     review: bool = Field(False, description="Hold the answer for human review (HTTP 202).")
+    segment_tokens: int = Field(
+        256,
+        ge=8,
+        le=8192,
+        description="Thinking mode (a model that thinks natively): tokens per segment of its trace. A "
+        "segment is a round for depth control, so the tier thinks min_rounds..max_rounds segments.",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Tier:
@@ -97,6 +104,9 @@ class RoundPlan:
     tot: dict[str, Any] | None = None  # TotConfig fields when strategy == "tot"
     review: bool = False
     degraded: bool = False
+    segment_tokens: int = 256  # thinking mode: tokens per segment (a segment is a round)
+    mode: str = "thinking"  # for a model that thinks natively: one trace in segments, or "rounds"
+    thinking_budget: int | None = None  # thinking mode: the request's exact cap; None = max_rounds segments
 
     def rule(self) -> ExitRule | None:
         """The effective exit rule: the tier's rule with this plan's entropy threshold; None = never."""
@@ -117,6 +127,8 @@ def make_plan(
     domain: str | None = None,
     domain_threshold: float | None = None,
     tot: dict[str, int] | None = None,
+    thinking_budget: int | None = None,
+    mode: str | None = None,
 ) -> RoundPlan:
     """The plan for one request: its tier's policy, narrowed by the request's overrides.
 
@@ -126,6 +138,18 @@ def make_plan(
     if name not in table.tiers:
         raise PlanError(f"unknown tier {name!r}; use one of {', '.join(TIER_NAMES)}", "reasoning.tier")
     t = table.tiers[name]
+    if thinking_budget is not None:
+        most = t.max_rounds * t.segment_tokens
+        if not 1 <= thinking_budget <= most:
+            raise PlanError(
+                f"thinking_token_budget must be between 1 and {most} (tier {name!r}: {t.max_rounds} "
+                f"segments of {t.segment_tokens} tokens); got {thinking_budget}. Pick a higher tier "
+                "for more thinking.",
+                "thinking_token_budget",
+            )
+        segments = -(-thinking_budget // t.segment_tokens)
+        max_rounds = segments if max_rounds is None else min(max_rounds, segments)
+        min_rounds = None if min_rounds is None else min(min_rounds, max_rounds)
     ceiling = t.max_rounds if max_rounds is None else max_rounds
     if not 1 <= ceiling <= t.max_rounds:
         raise PlanError(
@@ -158,6 +182,9 @@ def make_plan(
         exit_rule=t.exit_rule.model_dump(exclude_none=True) if t.exit_rule else None,
         tot=_narrow_tot(name, t.tot or {}, tot or {}) if strategy == "tot" else None,
         review=t.review,
+        segment_tokens=t.segment_tokens,
+        thinking_budget=thinking_budget,
+        mode=mode or "thinking",
     )
 
 
@@ -190,6 +217,7 @@ class Reason(StrEnum):
     CEILING = "ceiling"  # exit: hard round ceiling reached
     CONTEXT = "context_limit"  # exit: the next round would not fit the model's context
     NODE_BUDGET = "node_budget"  # exit (Tree-of-Thought): node budget spent or not granted
+    TRACE_CLOSED = "trace_closed"  # exit (thinking mode): the model closed its trace itself
 
 
 class DecidedBy(StrEnum):

@@ -69,6 +69,12 @@ class EngineConfig(BaseModel):
             "OMP_NUM_THREADS=N, unpinned; worker process -> pinned to the first N allowed CPUs."
         ),
     )
+    chat_template: str | None = Field(
+        None,
+        description="A Jinja chat template file used instead of the model's (relative to the config "
+        "file), e.g. one that makes a model think (configs/local-cpu-thinking.yaml). The router "
+        "renders every prompt, so only it reads this.",
+    )
     reasoning: TraceMarkers | None = Field(
         None,
         description="A model that thinks natively: the strings around its thinking trace "

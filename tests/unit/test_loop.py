@@ -209,7 +209,9 @@ class ThinkingEngine:
             yield GenerateDelta(piece, [3], [SURE], finished=last, finish_reason="stop" if last else None)
 
 
-@pytest.mark.parametrize("plan", [RoundPlan("low", 1, 1, None), RoundPlan("medium", 1, 2, 0.5)])
+@pytest.mark.parametrize(
+    "plan", [RoundPlan("low", 1, 1, None, mode="rounds"), RoundPlan("medium", 1, 2, 0.5, mode="rounds")]
+)
 def test_a_native_thinking_trace_is_reasoning_and_the_stream_matches_the_answer(plan):
     """FINAL (one round: streamed live, split as it streams) and UNDECIDED (held, split at the end)."""
     o = Orchestrator(

@@ -165,3 +165,27 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     assert "invalid config" in capsys.readouterr().err
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_a_thinking_budget_narrows_the_ceiling_to_its_segments_and_never_widens_it(table):
+    seg = table.tiers["medium"].segment_tokens
+    p = make_plan(table, "medium", thinking_budget=seg + 1)
+    assert (p.max_rounds, p.min_rounds, p.thinking_budget) == (2, 2, seg + 1)  # 2 segments, the 2nd cut
+    assert make_plan(table, "medium", thinking_budget=seg, max_rounds=3).max_rounds == 1
+    most = table.tiers["medium"].max_rounds * seg
+    with pytest.raises(PlanError) as e:
+        make_plan(table, "medium", thinking_budget=most + 1)
+    assert e.value.param == "thinking_token_budget" and str(most) in str(e.value)
+    assert (
+        make_plan(table, "medium").mode == "thinking"
+        and make_plan(table, "low", mode="rounds").mode == "rounds"
+    )
+
+
+def test_thinking_tokens_of_a_plan_are_its_segments_or_its_budget():
+    from services.reasoning.thinking import max_thinking_tokens, min_thinking_tokens
+
+    p = RoundPlan("t", 2, 4, None, segment_tokens=32)
+    assert (min_thinking_tokens(p), max_thinking_tokens(p)) == (64, 128)
+    q = RoundPlan("t", 2, 2, None, segment_tokens=32, thinking_budget=40)
+    assert (min_thinking_tokens(q), max_thinking_tokens(q)) == (40, 40)  # the least never above the most
