@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.overhead import percentile
 from services.config import DEFAULT_CONFIG, AppConfig
 
 COMMAND = ("control", "depth control's cost per round as sessions in flight grow (scripted worker)")
@@ -54,11 +55,6 @@ def levels_of(text: str) -> list[int]:
     if not levels or any(n < 1 or n > 4096 for n in levels):
         raise SystemExit(f"--sessions must be a comma-separated list of 1..4096; got {text!r}")
     return levels
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))] if ordered else 0.0
 
 
 class ScriptedWorker:
