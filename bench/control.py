@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import statistics
@@ -147,23 +146,17 @@ async def make_router(cfg: AppConfig):
 
 @contextlib.contextmanager
 def outside_serve() -> Iterator[None]:
-    """Put back what `make_router` changes in this process: Serve's replica context, the level of
-    Ponder's loggers and the FastAPI app's state (the router's __init__ sets both), so no handle of
-    this run's actors outlives its cluster (Ray aborts the process when one is dropped later)."""
+    """Put back what `make_router` changes in this process: Serve's replica context and the level of
+    Ponder's loggers (the router's __init__ sets it). Run it in a process of its own all the same (as
+    the CLI does): Ray aborts a process that later pickles a handle of a cluster that is gone."""
     from ray import serve
 
-    from services.ingress.router import app
-
     context, level = serve.get_replica_context, logging.getLogger("ponder").level
-    state = dict(app.state._state)
     try:
         yield
     finally:
         serve.get_replica_context = context
         logging.getLogger("ponder").setLevel(level)
-        app.state._state.clear()
-        app.state._state.update(state)
-        gc.collect()  # the routers and their actor handles, before the cluster goes
 
 
 async def run_level(router, cfg: AppConfig, sessions: int, args: argparse.Namespace) -> dict:

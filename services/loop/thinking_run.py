@@ -118,7 +118,7 @@ async def run_thinking(
     closing = ("" if closed_by_model else TRANSITION) + markers.end + "\n"
     answer_prompt = prompt + trace.ids + orch.encode(closing)
     record: RoundRecord | None = None
-    async for ev in yield_answer(orch, request_id, len(loop.rounds), answer_prompt, sampling):
+    async for ev in _answer(orch, request_id, len(loop.rounds), answer_prompt, sampling):
         if isinstance(ev, RoundRecord):
             record = ev
         else:
@@ -140,7 +140,7 @@ async def run_thinking(
     )
 
 
-async def yield_answer(
+async def _answer(
     orch: Orchestrator, request_id: str, index: int, prompt: list[int], sampling: SamplingSpec
 ) -> AsyncIterator[ContentDelta | RoundRecord]:
     """The answer after the closed trace, streamed as content; its record last."""
