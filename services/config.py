@@ -42,6 +42,13 @@ class RouterConfig(_Strict):
     default_temperature: float = Field(0.7, ge=0.0, le=2.0, description="When a request sets none.")
     top_logprobs: int = Field(5, ge=1, le=20, description="Top-k logprobs per token for confidence.")
     min_round_tokens: int = Field(16, ge=1, le=4096, description="Least room a round must have.")
+    answer_reserve_tokens: int = Field(
+        128,
+        ge=1,
+        le=32_768,
+        description="Thinking mode with max_completion_tokens (trace plus answer): tokens the trace "
+        "leaves the answer (at most half the request's max_completion_tokens).",
+    )
     complexity_file: str = Field(
         "complexity.yaml", description="Complexity scorer (prompt -> tier); relative to the config file."
     )

@@ -115,7 +115,13 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, description="Per-round completion token cap.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Thinking mode: OpenAI's meaning, the trace (and probes) plus the answer; the trace "
+        "is closed early enough to leave the answer router.answer_reserve_tokens. Rounds mode: as "
+        "max_tokens.",
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -54,6 +54,7 @@ def sampling(req: ChatRequest, rcfg: RouterConfig) -> SamplingSpec:
         stop=req.stop_list(),
         top_logprobs=rcfg.top_logprobs,
         ignore_eos=req.ignore_eos,
+        completion_budget=req.max_completion_tokens,
     )
 
 

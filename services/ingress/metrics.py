@@ -25,6 +25,7 @@ VERDICT_S = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 ROUNDS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
 CONFIDENCE = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
 NODES = (1, 2, 4, 8, 16, 32, 64)
+THINKING_TOKENS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 # name -> (kind, description, tag keys, histogram boundaries)
 SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
@@ -43,7 +44,8 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
     "ponder_round_tokens": (
         "counter",
         "Tokens per round by kind: prompt, completion, reasoning, "
-        "kv_cached (local prefix cache), kv_loaded (KV store).",
+        "kv_cached (local prefix cache), kv_loaded (KV store), probe (thinking mode's answer probes, "
+        "also counted as completion and reasoning).",
         ("tier", "kind"),
         None,
     ),
@@ -63,6 +65,25 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
         None,
     ),
     "ponder_tot_nodes_per_request": ("histogram", "Tree-of-Thought nodes per request.", ("tier",), NODES),
+    "ponder_thinking_tokens_per_request": (
+        "histogram",
+        "Thinking mode: tokens of the request's trace, by how the trace was closed "
+        "(model, ceiling, confidence, context_limit).",
+        ("tier", "closed_by"),
+        THINKING_TOKENS,
+    ),
+    "ponder_thinking_segments": (
+        "counter",
+        "Thinking mode: segments of traces run (a segment is a round for depth control).",
+        ("tier",),
+        None,
+    ),
+    "ponder_thinking_probes": (
+        "counter",
+        "Thinking mode: answer probes run after segments (result: answered, or none when it hesitated).",
+        ("tier", "result"),
+        None,
+    ),
     "ponder_depth_decisions": (
         "counter",
         "Depth-control decisions after each round.",
@@ -174,10 +195,42 @@ class Recorder:
                 ("reasoning", outcome.total_reasoning_tokens),
             ):
                 self._put("ponder_round_tokens", n, tier=tier, kind=kind)
-        else:
-            skipped = outcome.plan.max_rounds - len(rounds)
-            mean = sum(r.completion_tokens for r in rounds) / len(rounds)
-            self._put("ponder_tokens_saved_by_early_exit", max(skipped, 0) * mean, tier=tier)
+            return
+        if outcome.thinking is not None:
+            self._thinking(outcome, tier)
+            rounds = rounds[:-1]  # the segments; the answer after the trace is not one
+        skipped = outcome.plan.max_rounds - len(rounds)
+        mean = sum(r.completion_tokens for r in rounds) / max(len(rounds), 1)
+        self._put("ponder_tokens_saved_by_early_exit", max(skipped, 0) * mean, tier=tier)
+
+    def _thinking(self, outcome: Outcome, tier: str) -> None:
+        """A thinking-mode request: its trace, segments and probes; the answer and the probes' tokens
+        (segments were counted as rounds as they ran)."""
+        t = outcome.thinking or {}
+        self._put(
+            "ponder_thinking_tokens_per_request", t["thinking_tokens"], tier=tier, closed_by=t["closed_by"]
+        )
+        self._put("ponder_thinking_segments", t["segments"], tier=tier)
+        for probe in t["probes"]:
+            self._put(
+                "ponder_thinking_probes",
+                1,
+                tier=tier,
+                result="none" if probe["answer"] is None else "answered",
+            )
+        answer, probes = outcome.rounds[-1], t["probe_tokens"]
+        # The segment that ended the loop was counted as a last round (no reasoning): it was reasoning.
+        last_segment = outcome.rounds[-2].completion_tokens if len(outcome.rounds) > 1 else 0
+        probe_prompt = outcome.total_prompt_tokens - outcome.prompt_tokens
+        for kind, n in (
+            ("prompt", answer.prompt_tokens + probe_prompt),
+            ("completion", answer.completion_tokens + probes),
+            ("reasoning", probes + last_segment),
+            ("probe", probes),
+            ("kv_cached", max(answer.cached_tokens - answer.kv_loaded_tokens, 0)),
+            ("kv_loaded", answer.kv_loaded_tokens),
+        ):
+            self._put("ponder_round_tokens", n, tier=tier, kind=kind)
 
 
 def log_round(rid: str, plan: Any, record: RoundRecord, verdict: Verdict) -> None:

@@ -109,6 +109,7 @@ class Router:
                 min_round_tokens=self.rcfg.min_round_tokens,
                 trace=self.trace,
                 trace_opened=self.trace is not None and self.tokenizer.opens(self.trace.start),
+                answer_reserve=self.rcfg.answer_reserve_tokens,
             )
         return self._orchestrator
 

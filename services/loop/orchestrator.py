@@ -81,6 +81,7 @@ class Orchestrator:
         expand: ExpandFn | None = None,
         trace: TraceMarkers | None = None,
         trace_opened: bool = False,
+        answer_reserve: int = 128,
     ) -> None:
         self._generate = generate
         self._expand = expand
@@ -92,6 +93,8 @@ class Orchestrator:
         self._clock = clock
         # A model that thinks natively: its trace is reasoning, the text after it the answer.
         self._trace, self._trace_opened = trace, trace_opened
+        # Thinking mode under max_completion_tokens: tokens kept for the answer when closing the trace.
+        self.answer_reserve = answer_reserve
 
     @property
     def trace(self) -> TraceMarkers | None:

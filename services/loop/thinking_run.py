@@ -9,19 +9,32 @@ tier (or `thinking_token_budget`) allows, min_rounds the least. A model that clo
 the least thinking is told to go on (s1's budget forcing); one that closes it after ends thinking
 itself. When depth control ends it, a short transition and the end marker close the trace. The
 answer is then generated from the closed trace with the request's own token cap: a budget bounds
-thinking, never the answer.
+thinking, never the answer. With `max_completion_tokens` (OpenAI's meaning here: trace plus answer)
+the trace is closed early enough to leave the answer the orchestrator's reserve.
+
+A tier with `probe_tokens` probes after a segment (Dynasor): the trace so far, closed, then "Final
+answer:", greedy, a few tokens, never saved to the KV store and never part of the trace. The probe's
+answer is the segment's answer, so the exit rule's `stable_for` counts probes that agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.loop.events import ContentDelta, DecideFn, Event, Finished, Outcome, ReasoningDelta, RoundDone
 from services.reasoning.loop import RoundLoop, RoundRecord
-from services.reasoning.thinking import KEEP_THINKING, TRANSITION, max_thinking_tokens, min_thinking_tokens
+from services.reasoning.signals import stable_rounds
+from services.reasoning.thinking import (
+    KEEP_THINKING,
+    TRANSITION,
+    max_thinking_tokens,
+    min_thinking_tokens,
+    probe_answer,
+    probe_suffix,
+)
 from services.reasoning.tiers import Action, Reason, RoundPlan, Verdict
 from services.worker.engine import Accumulator, SamplingSpec, round_tags
 
@@ -37,6 +50,12 @@ class _Trace:
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     thought: int = 0
+    probes: list[dict] = field(default_factory=list)  # {segment, answer, tokens}
+    probe_prompt_tokens: int = 0
+
+    @property
+    def probe_tokens(self) -> int:
+        return sum(p["tokens"] for p in self.probes)
 
     def add(self, orch: Orchestrator, text: str, ids: list[int] | None = None) -> None:
         self.ids += orch.encode(text) if ids is None else ids
@@ -86,14 +105,20 @@ async def run_thinking(
     markers = orch.trace
     assert markers is not None
     prompt = list(first_prompt) if orch.trace_opened else first_prompt + orch.encode(markers.start + "\n")
-    most, least = max_thinking_tokens(plan), min_thinking_tokens(plan)
+    total = sampling.completion_budget  # trace + probes + answer, when the request set it
+    reserve = 0 if total is None else min(orch.answer_reserve, total // 2)
+    most = max_thinking_tokens(plan) if total is None else min(max_thinking_tokens(plan), total - reserve)
+    least = min(min_thinking_tokens(plan), most)
+    # Probes are not thinking (the thinking budget is exact without them), but they are completion
+    # tokens: under max_completion_tokens they come out of the trace's share.
+    left = _room(most, total, reserve)
     loop, trace, closed_by_model = RoundLoop(plan), _Trace(), False
     while not loop.done:
         index = loop.next_index
         # What is left of the budget and of the context, keeping the answer room for its first tokens.
-        n = min(plan.segment_tokens, most - trace.thought, orch.spare(prompt + trace.ids))
+        n = min(plan.segment_tokens, left(trace), orch.spare(prompt + trace.ids))
         if n <= 0:  # no thinking room left (the budget, or the context)
-            loop.stop(Reason.CEILING if trace.thought >= most else Reason.CONTEXT)
+            loop.stop(Reason.CEILING if left(trace) <= 0 else Reason.CONTEXT)
             break
         spec = dataclasses.replace(
             sampling, max_tokens=n, stop=(markers.end,), kv_tags=round_tags(sampling, index)
@@ -110,6 +135,10 @@ async def run_thinking(
             if seg.closed:  # closed at the segment's cap, still short of the least: go on
                 trace.add(orch, KEEP_THINKING)
                 yield ReasoningDelta(KEEP_THINKING)
+            if _probing(plan, index, left(trace) > 0):
+                await _probe(
+                    orch, f"{request_id}-p{index}", prompt + trace.ids, sampling, record, loop, trace
+                )
             verdict = loop.settle(record, await decide(plan, index + 1, record.signals))
         yield RoundDone(record, verdict)
     if not closed_by_model:
@@ -117,26 +146,96 @@ async def run_thinking(
         yield ReasoningDelta(TRANSITION)
     closing = ("" if closed_by_model else TRANSITION) + markers.end + "\n"
     answer_prompt = prompt + trace.ids + orch.encode(closing)
+    cap = (
+        sampling.max_tokens
+        if total is None
+        else min(sampling.max_tokens, total - trace.thought - trace.probe_tokens)
+    )
     record: RoundRecord | None = None
-    async for ev in _answer(orch, request_id, len(loop.rounds), answer_prompt, sampling):
+    async for ev in _answer(
+        orch, request_id, len(loop.rounds), answer_prompt, dataclasses.replace(sampling, max_tokens=cap)
+    ):
         if isinstance(ev, RoundRecord):
             record = ev
         else:
             yield ev
     assert record is not None and loop.exit_reason is not None
     record.decision, record.decided_by = "answer", "router"
+    rounds = [*loop.rounds, record]
     summary = {
         "thinking_tokens": trace.thought,
         "segments": len(loop.rounds),
         "segment_tokens": plan.segment_tokens,
-        "budget": {"min": least, "max": most},
+        "budget": {"min": least, "max": most, "answer_reserve": reserve},
         "closed_by": "model" if closed_by_model else loop.exit_reason.value,
         "answer_cached_tokens": record.cached_tokens,
+        "probes": trace.probes,
+        "probe_tokens": trace.probe_tokens,
     }
     yield Finished(
         Outcome(
-            plan, [*loop.rounds, record], loop.exit_reason, record.text, "".join(trace.text), thinking=summary
+            plan,
+            rounds,
+            loop.exit_reason,
+            record.text,
+            "".join(trace.text),
+            thinking=summary,
+            all_prompt_tokens=sum(r.prompt_tokens for r in rounds) + trace.probe_prompt_tokens,
+            all_completion_tokens=sum(r.completion_tokens for r in rounds) + trace.probe_tokens,
         )
+    )
+
+
+def _room(most: int, total: int | None, reserve: int) -> Callable[[_Trace], int]:
+    """Thinking tokens the trace may still take: its budget, and under max_completion_tokens its
+    share of the request's tokens (probes included)."""
+
+    def left(trace: _Trace) -> int:
+        n = most - trace.thought
+        return n if total is None else min(n, total - reserve - trace.thought - trace.probe_tokens)
+
+    return left
+
+
+def _probing(plan: RoundPlan, index: int, more_to_come: bool) -> bool:
+    """Whether to probe after segment `index`: the tier probes, its exit rule counts stable answers,
+    another segment may follow, and this probe's answer can take part in the first exit allowed."""
+    rule = plan.rule()
+    if plan.probe_tokens <= 0 or rule is None or rule.stable_for is None or not more_to_come:
+        return False
+    return index + rule.stable_for >= plan.min_rounds
+
+
+async def _probe(
+    orch: Orchestrator,
+    rid: str,
+    trace_prompt: list[int],
+    sampling: SamplingSpec,
+    record: RoundRecord,
+    loop: RoundLoop,
+    trace: _Trace,
+) -> None:
+    """Ask the trace so far for its answer; the segment's answer and answer stability become the probe's."""
+    assert orch.trace is not None
+    prompt = trace_prompt + orch.encode(probe_suffix(orch.trace))
+    spec = SamplingSpec(
+        max_tokens=min(loop.plan.probe_tokens, max(orch.spare(prompt), 1)),
+        temperature=0.0,  # the model's most likely answer now
+        stop=("\n\n",),
+        top_logprobs=1,
+        kv_tags=None,  # never extended: not worth a place in the KV store
+    )
+    acc = Accumulator()
+    async for delta in orch.generate(rid, prompt, spec):
+        acc.add(delta, 0.0)
+    text = "".join(acc.text)
+    answer = probe_answer(text)
+    trace.probes.append({"segment": record.index, "answer": answer, "tokens": len(acc.token_ids)})
+    trace.probe_prompt_tokens += acc.prompt_tokens or len(prompt)
+    record.answer = answer
+    assert record.signals is not None
+    record.signals = dataclasses.replace(
+        record.signals, stable_rounds=stable_rounds([*(r.answer for r in loop.rounds), answer])
     )
 
 

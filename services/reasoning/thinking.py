@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.reasoning.signals import extract_answer
 from services.reasoning.tiers import RoundPlan
 
 REASONING, CONTENT = "reasoning", "content"
@@ -21,6 +22,23 @@ REASONING, CONTENT = "reasoning", "content"
 # least thinking its tier asks for (s1's budget forcing).
 TRANSITION = "\n\nThat is enough thinking; time to give the answer.\n"
 KEEP_THINKING = "\nWait, let me check that again. "
+# A probe (Dynasor's certaindex probe): the trace so far, closed, then this; the model's next few
+# tokens are what it would answer now. Probes never enter the trace; agreeing probes mean a stable answer.
+PROBE = "\n\nI now have enough to answer.\n{end}\nFinal answer:"
+# A probe that hesitates is no answer (Dynasor drops such probes too).
+_HESITATION = ("wait", "hmm", "not sure", "?")
+
+
+def probe_suffix(markers: TraceMarkers) -> str:
+    return PROBE.format(end=markers.end)
+
+
+def probe_answer(text: str) -> str | None:
+    """The answer a probe gave (its first line, normalised), or None when it hesitated or gave none."""
+    low = text.lower()
+    if any(h in low for h in _HESITATION):
+        return None
+    return extract_answer("Final answer:" + text)
 
 
 def max_thinking_tokens(plan: RoundPlan) -> int:

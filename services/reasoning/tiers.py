@@ -45,6 +45,14 @@ class Tier(BaseModel):
         description="Thinking mode (a model that thinks natively): tokens per segment of its trace. A "
         "segment is a round for depth control, so the tier thinks min_rounds..max_rounds segments.",
     )
+    probe_tokens: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Thinking mode: after a segment, ask the closed trace for its answer in at most this "
+        "many tokens (a probe, never part of the trace); agreement of successive probes is the exit "
+        "rule's stable_for signal. 0: no probes (the answer the trace itself states is used).",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Tier:
@@ -107,6 +115,7 @@ class RoundPlan:
     segment_tokens: int = 256  # thinking mode: tokens per segment (a segment is a round)
     mode: str = "thinking"  # for a model that thinks natively: one trace in segments, or "rounds"
     thinking_budget: int | None = None  # thinking mode: the request's exact cap; None = max_rounds segments
+    probe_tokens: int = 0  # thinking mode: a probe's token cap after each segment (0: no probes)
 
     def rule(self) -> ExitRule | None:
         """The effective exit rule: the tier's rule with this plan's entropy threshold; None = never."""
@@ -184,6 +193,7 @@ def make_plan(
         review=t.review,
         segment_tokens=t.segment_tokens,
         thinking_budget=thinking_budget,
+        probe_tokens=t.probe_tokens,
         mode=mode or "thinking",
     )
 

@@ -73,7 +73,9 @@ def test_thinking_runs_to_its_tier_budget_exactly_then_answers_from_the_cached_t
     assert answer["kv_cached_tokens"] + answer["kv_loaded_tokens"] >= (t.max_rounds - 1) * t.segment_tokens
     assert msg["reasoning_content"].count(TRANSITION) == 1  # closed once, by depth control
     assert "</think>" not in msg["content"] and "<think>" not in msg["reasoning_content"]
-    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == thinking["thinking_tokens"]
+    # the trace and its probes (medium's) are the reasoning tax; the answer is not
+    reasoning_tokens = thinking["thinking_tokens"] + thinking["probe_tokens"]
+    assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == reasoning_tokens
 
 
 def test_thinking_token_budget_is_a_hard_cap_in_tokens_and_a_bad_one_is_a_400(http, cfg):
@@ -117,3 +119,55 @@ def test_the_least_thinking_holds_when_the_model_stops_early(http, cfg):
     t = s["thinking"]
     assert t["budget"]["min"] <= t["thinking_tokens"] <= t["budget"]["max"], t
     assert t["segments"] >= 3  # medium's min_rounds
+
+
+def test_probes_ask_the_closed_trace_and_never_enter_it(http, cfg):
+    """Medium probes after segments 1 and 2 (stable_for 2, min 3 segments); two probes that agree end
+    thinking after segment 2, else it runs to its fourth. Probe tokens are paid for in usage."""
+    r = http.post("/v1/chat/completions", json=body(cfg, {"tier": "medium", **NEVER}))
+    assert r.status_code == 200, r.text
+    data = r.json()
+    t, msg = data["reasoning"]["thinking"], data["choices"][0]["message"]
+    probes = t["probes"]
+    assert [p["segment"] for p in probes] == [1, 2]  # none after the last segment (4th) can count
+    agree = probes[0]["answer"] is not None and probes[0]["answer"] == probes[1]["answer"]
+    assert (t["segments"], t["closed_by"]) == ((3, "confidence") if agree else (4, "ceiling")), probes
+    assert all(0 < p["tokens"] <= 8 for p in probes) and t["probe_tokens"] == sum(p["tokens"] for p in probes)
+    assert (
+        "I now have enough" not in msg["reasoning_content"]
+        and "Final answer:" not in msg["reasoning_content"]
+    )
+    rounds = data["reasoning"]["rounds"]
+    assert (
+        data["usage"]["completion_tokens"] == sum(x["completion_tokens"] for x in rounds) + t["probe_tokens"]
+    )
+    assert [x["answer"] for x in rounds[1 : 1 + len(probes)]] == [p["answer"] for p in probes]
+
+
+def test_confidence_ends_thinking_at_the_first_segment_that_reaches_the_threshold(http, cfg):
+    """High (4-6 segments, exit on confidence alone): run it to its ceiling to read each segment's
+    confidence, then again with a threshold just under one of them: greedy decoding repeats the same
+    segments, so thinking must end exactly at the first allowed segment that reaches it."""
+    full = http.post("/v1/chat/completions", json=body(cfg, {"tier": "high", **NEVER})).json()["reasoning"]
+    conf = [x["confidence"] for x in full["rounds"][:-1]]
+    assert len(conf) == 6 and all(c is not None for c in conf), conf
+    threshold = round(max(conf[3], conf[4]) - 0.0005, 4)
+    expected = next(i for i in (3, 4) if conf[i] >= threshold + 0.0002) + 1
+    s = http.post(
+        "/v1/chat/completions", json=body(cfg, {"tier": "high", "confidence_threshold": threshold})
+    ).json()["reasoning"]
+    assert s["thinking"]["segments"] == expected and s["thinking"]["closed_by"] == "confidence", (conf, s)
+    assert [x["decision"] for x in s["rounds"]][:3] == ["min_rounds"] * 3
+
+
+def test_max_completion_tokens_bounds_trace_and_answer_leaving_the_answer_its_reserve(http, cfg):
+    b = body(cfg, {"tier": "medium", **NEVER}, max_completion_tokens=60)
+    del b["max_tokens"]
+    data = http.post("/v1/chat/completions", json=b).json()
+    t = data["reasoning"]["thinking"]
+    reserve = min(cfg.router.answer_reserve_tokens, 30)
+    assert (
+        t["budget"]["answer_reserve"] == reserve and t["thinking_tokens"] + t["probe_tokens"] == 60 - reserve
+    )
+    assert data["reasoning"]["rounds"][-1]["completion_tokens"] == reserve  # ignore_eos: it fills its room
+    assert data["usage"]["completion_tokens"] == 60

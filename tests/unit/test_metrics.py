@@ -136,3 +136,48 @@ def test_log_lines_carry_ids_and_numbers_never_text(caplog):
     for field in ("status=ok", "exit_reason=confidence", "rounds=1", "max_rounds=4", "completion_tokens=20"):
         assert field in request_line
     assert "SECRET" not in round_line + request_line
+
+
+def test_a_thinking_request_counts_its_trace_probes_and_answer_once():
+    r = Recorder(Fake)
+    plan = RoundPlan("medium", 1, 4, 0.8, segment_tokens=32)
+    segs = [rec(0, 32), rec(1, 32, cached=120)]
+    answer = rec(2, 7, cached=180)
+    verdicts = [Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD), Verdict(Action.EXIT, Reason.CONFIDENCE)]
+    for rd, v in zip(segs, verdicts, strict=True):
+        r.round("medium", rd, v, v.exit)
+    probes = [{"segment": 0, "answer": "4", "tokens": 3}, {"segment": 1, "answer": None, "tokens": 5}]
+    thinking = {
+        "thinking_tokens": 64,
+        "segments": 2,
+        "closed_by": "confidence",
+        "probes": probes,
+        "probe_tokens": 8,
+    }
+    out = Outcome(
+        plan,
+        [*segs, answer],
+        Reason.CONFIDENCE,
+        "4",
+        "x",
+        thinking=thinking,
+        all_prompt_tokens=303 + 250,  # two probes' prompts
+        all_completion_tokens=71 + 8,
+    )
+    r.request(out, "medium", "cot", "ok")
+    m = r.m
+    assert total(m["ponder_round_tokens"], kind="completion") == 79 == out.total_completion_tokens
+    assert total(m["ponder_round_tokens"], kind="reasoning") == 72 == out.total_reasoning_tokens
+    assert total(m["ponder_round_tokens"], kind="prompt") == 553 == out.total_prompt_tokens
+    assert total(m["ponder_round_tokens"], kind="probe") == 8
+    assert total(m["ponder_round_tokens"], kind="kv_cached") == 300
+    assert m["ponder_thinking_tokens_per_request"].values == {
+        (("closed_by", "confidence"), ("tier", "medium")): [64]
+    }
+    assert total(m["ponder_thinking_segments"]) == 2
+    assert (
+        total(m["ponder_thinking_probes"], result="answered")
+        == 1
+        == total(m["ponder_thinking_probes"], result="none")
+    )
+    assert total(m["ponder_tokens_saved_by_early_exit"]) == 2 * 32  # two segments short of four

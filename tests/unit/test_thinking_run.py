@@ -163,3 +163,103 @@ def test_the_least_thinking_holds_when_the_model_keeps_closing_its_trace():
     assert out.thinking["budget"]["min"] == 16 and out.thinking["thinking_tokens"] >= 16
     assert segments(engine)[:4] == [8, 4, 8, 4]  # each of the first two segments filled after a close
     assert out.reasoning_content.count(KEEP_THINKING) >= 2
+
+
+class Prober(Thinker):
+    """A Thinker whose probes answer `answers[i]` after segment i (a probe's request id ends -p<i>)."""
+
+    def __init__(self, pattern, answers) -> None:
+        super().__init__(pattern)
+        self.answers = answers
+
+    async def generate(self, rid, prompt, spec):
+        if "-p" not in rid:
+            async for d in super().generate(rid, prompt, spec):
+                yield d
+            return
+        self.calls.append((rid, list(prompt), spec.max_tokens, spec.stop))
+        i = int(rid.rsplit("-p", 1)[1])
+        text = f" {self.answers[min(i, len(self.answers) - 1)]}"[: spec.max_tokens]
+        for j, c in enumerate(text):
+            last = j == len(text) - 1
+            yield GenerateDelta(c, [ord(c)], [SURE], finished=last, finish_reason="stop" if last else None)
+
+
+def stable_plan(min_rounds=1, max_rounds=6, probe=4, stable_for=2):
+    return RoundPlan(
+        "t",
+        min_rounds,
+        max_rounds,
+        None,
+        segment_tokens=8,
+        exit_rule={"stable_for": stable_for},
+        probe_tokens=probe,
+    )
+
+
+@pytest.mark.parametrize(
+    ("answers", "segments_run"),
+    [
+        (["1", "2", "2"], 3),  # probes agree after segment 2: exit there
+        (["1", "2", "3", "4", "4"], 5),
+        (["3", "3"], 2),
+        (["wait, 3", "3", "hmm 3", "3", "3?", "3"], 6),  # a hesitant probe is no answer: never two in a row
+    ],
+)
+def test_probes_that_agree_end_thinking_and_never_enter_the_trace(answers, segments_run):
+    engine = Prober([UNSURE], answers)
+    out = run(engine, stable_plan())[-1].outcome
+    assert out.thinking["segments"] == segments_run
+    probes = out.thinking["probes"]
+    assert [p["segment"] for p in probes] == list(range(min(segments_run, 5)))  # none after the last
+    assert (
+        out.reasoning_content.count("x") == 8 * segments_run and "Final answer" not in out.reasoning_content
+    )
+    expected = "stable_for" if segments_run < 6 else "ceiling"
+    assert out.exit_reason.value == ("confidence" if expected == "stable_for" else "ceiling")
+    # the answer's prompt is the trace, closed: no probe text in it
+    answer_prompt = CharTokenizer().decode(engine.calls[-1][1])
+    assert "I now have enough" not in answer_prompt and answer_prompt.count("</think>") == 1
+    # every probe asked the trace as it was, closed, greedy, never stored
+    for rid, prompt, max_tokens, _stop in engine.calls:
+        if "-p" in rid:
+            assert CharTokenizer().decode(prompt).endswith("</think>\nFinal answer:") and max_tokens == 4
+    # probe tokens are paid for: usage counts them, the trace's tokens do not include them
+    assert out.thinking["probe_tokens"] == sum(p["tokens"] for p in probes) > 0
+    assert out.total_completion_tokens == 8 * segments_run + out.thinking["probe_tokens"] + 15
+
+
+def test_probes_start_where_their_answers_can_first_count_and_stop_before_the_ceiling():
+    engine = Prober([UNSURE], ["5"])
+    out = run(engine, stable_plan(min_rounds=4, max_rounds=6))[-1].outcome
+    # min 4 segments, stable_for 2: the probe after segment 2 is the first that can count
+    assert [p["segment"] for p in out.thinking["probes"]] == [2, 3]
+    assert out.thinking["segments"] == 4 and out.exit_reason.value == "confidence"
+    engine = Prober([UNSURE], ["5"])
+    out = run(engine, stable_plan(probe=0))[-1].outcome  # a tier without probes: none
+    assert out.thinking["probes"] == [] and out.thinking["segments"] == 6
+
+
+@pytest.mark.parametrize(("total", "reserve"), [(40, 10), (30, 10), (12, 6)])
+def test_max_completion_tokens_is_trace_and_answer_with_room_kept_for_the_answer(total, reserve):
+    engine = Thinker([UNSURE])
+    o_plan = plan(min_rounds=1, max_rounds=10)
+    o = Orchestrator(
+        engine.generate,
+        _continue,
+        CharTokenizer(),
+        vocab_size=100,
+        max_model_len=100_000,
+        min_round_tokens=4,
+        trace=TraceMarkers(),
+        answer_reserve=10,
+    )
+
+    async def go():
+        spec = SamplingSpec(max_tokens=total, completion_budget=total)
+        return [e async for e in o.run("r", [Message("user", "2+2?")], o_plan, spec)]
+
+    out = asyncio.run(go())[-1].outcome
+    assert out.thinking["thinking_tokens"] == total - reserve == sum(segments(engine))
+    assert engine.calls[-1][2] == reserve  # the answer may use exactly what is left
+    assert out.thinking["budget"]["answer_reserve"] == reserve and out.exit_reason.value == "ceiling"
