@@ -50,6 +50,39 @@ def plot_tax(res: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_thinking_tax(res: dict[str, Any], out_dir: Path) -> Path:
+    """Thinking mode: accuracy vs mean tokens, the fixed budgets as a curve, exits as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pol = res["policies"]
+    budgets = sorted((int(k.split("-")[1]), m) for k, m in pol.items() if k.startswith("budget-"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(
+        [m["mean_tokens"] for _, m in budgets],
+        [m["accuracy"] for _, m in budgets],
+        "o-",
+        label=f"fixed budget (segments of {res['segment_tokens']} tokens)",
+    )
+    for k, m in budgets:
+        ax.annotate(
+            f"{k}", (m["mean_tokens"], m["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8
+        )
+    for name, m in pol.items():
+        if not name.startswith("budget-"):
+            ax.scatter(m["mean_tokens"], m["accuracy"], marker="s", label=name, zorder=3)
+    title = f"{res['model']}, {res['n']} problems ({res['suite']})"
+    ax.set(xlabel="mean completion tokens per request (trace + probes + answer)", ylabel="accuracy")
+    ax.set_title(f"Thinking mode, accuracy vs tokens: {title}", fontsize=9)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out_dir / "tax_thinking_accuracy_vs_tokens.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 

@@ -51,6 +51,8 @@ PREFIX_CHECKS = ((0, 2), (1, 3))  # (problem index, k): real fixed-k runs agains
 GAIN_POINT = 0.01  # "one accuracy point", as a fraction
 
 
+THINKING_CONFIG = repo_path("configs", "local-cpu-thinking.yaml")
+
 COMMAND = ("tax", "accuracy vs tokens and latency of each depth policy (real engine)")
 
 
@@ -62,8 +64,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", help="model to run (default: qwen2.5-coder-0.5b-instruct if pulled, else SmolLM2)"
     )
     p.add_argument("--problems", type=int, default=40, help="problems (spread over the difficulty levels)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="app config YAML (tiers, domains, engine)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per round")
+    p.add_argument(
+        "--mode",
+        choices=["rounds", "thinking"],
+        default="rounds",
+        help="rounds: depth policies over rounds (draft, verify, ...); thinking: budgets and exits of one "
+        "native thinking trace in segments (bench/tax_thinking.py)",
+    )
+    p.add_argument(
+        "--config",
+        help=f"app config YAML (tiers, domains, engine); default {Path(DEFAULT_CONFIG).name}, or "
+        f"{Path(THINKING_CONFIG).name} with --mode thinking",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=256, help="most tokens per round (thinking mode: of the answer)"
+    )
+    p.add_argument("--segment-tokens", type=int, default=32, help="thinking mode: tokens per segment")
+    p.add_argument(
+        "--threshold", type=float, help="thinking mode: confidence-exit threshold (default: math's)"
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (the engine batches them)")
     p.add_argument("--plots", default=str(repo_path("bench", "results")), help="folder for the PNG plots")
     p.add_argument("--seed", type=int, default=0, help="problem generator seed (and ToT sampling seed)")
@@ -318,12 +337,21 @@ def print_table(res: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.plots import plot_tax
+    from bench import tax_thinking
+    from bench.plots import plot_tax, plot_thinking_tax
+    from services.config import DEFAULT_CONFIG
 
     args.model = args.model or default_model()
-    res = asyncio.run(measure(args))
-    print_table(res)
-    res["plots"] = [str(p) for p in plot_tax(res, Path(args.plots))]
+    if args.mode == "thinking":
+        args.config = args.config or str(THINKING_CONFIG)
+        res = asyncio.run(tax_thinking.measure(args))
+        tax_thinking.print_table(res)
+        res["plots"] = [str(plot_thinking_tax(res, Path(args.plots)))]
+    else:
+        args.config = args.config or str(DEFAULT_CONFIG)
+        res = asyncio.run(measure(args))
+        print_table(res)
+        res["plots"] = [str(p) for p in plot_tax(res, Path(args.plots))]
     Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.json_path} and {', '.join(res['plots'])}")

@@ -22,6 +22,7 @@ from cluster.problems import Problem, score
 from services.loop.orchestrator import Finished, Orchestrator, Outcome, RoundDone
 from services.reasoning.prompts import Message
 from services.reasoning.signals import Signals, extract_answer
+from services.reasoning.thinking import TraceMarkers, markers_in_template
 from services.reasoning.tiers import RoundPlan, TierTable, make_plan
 from services.worker.engine import SamplingSpec
 from services.worker.engine_config import EngineConfig, MiB
@@ -61,8 +62,11 @@ def decide_fn() -> Callable[..., Any]:
     return local_decide
 
 
-def make_orchestrator(engine: Any, tokenizer: Any, info: Any) -> Orchestrator:
-    """API point: the orchestrator as the router builds it (ToT expands n children in one request)."""
+def make_orchestrator(
+    engine: Any, tokenizer: Any, info: Any, trace: TraceMarkers | None = None
+) -> Orchestrator:
+    """API point: the orchestrator as the router builds it (ToT expands n children in one request;
+    `trace`: the model thinks natively, as the router detects it)."""
     return Orchestrator(
         engine.generate_stream,
         decide_fn(),
@@ -70,6 +74,8 @@ def make_orchestrator(engine: Any, tokenizer: Any, info: Any) -> Orchestrator:
         vocab_size=info.vocab_size,
         max_model_len=info.max_model_len,
         expand=engine.generate_n,
+        trace=trace,
+        trace_opened=trace is not None and tokenizer.opens(trace.start),
     )
 
 
@@ -175,6 +181,7 @@ class JobResult:
     completion_tokens: int
     latency_ms: float
     tot: dict[str, Any] | None
+    thinking: dict[str, Any] | None = None  # thinking mode: trace tokens, segments, probes, closed_by
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -186,6 +193,7 @@ class JobResult:
             "completion_tokens": self.completion_tokens,
             "latency_ms": round(self.latency_ms, 1),
             "tot": self.tot,
+            "thinking": self.thinking,
             "per_round": [
                 {
                     "answer": r.answer,
@@ -217,7 +225,9 @@ class Runner:
         t0 = time.perf_counter()
         self.engine = VllmEngine(self.config, path)
         info = await self.engine.start()
-        self.orchestrator = make_orchestrator(self.engine, HfTokenizer(path), info)
+        tokenizer = HfTokenizer(path, self.config.chat_template)
+        trace = self.config.reasoning or markers_in_template(tokenizer.chat_template)
+        self.orchestrator = make_orchestrator(self.engine, tokenizer, info, trace)
         self.startup_s = time.perf_counter() - t0
         # A fresh engine's first request pays ~2-3 s of one-off warm-up: keep it out of the latencies.
         await self.engine.generate("warmup", [1, 2, 3, 4], SamplingSpec(max_tokens=4))
@@ -286,6 +296,7 @@ def _result(job: Job, outcome: Outcome, done_ms: list[float], latency_ms: float)
         completion_tokens=total_completion_tokens(outcome),
         latency_ms=latency_ms,
         tot=tot_summary(outcome),
+        thinking=outcome.thinking,
     )
 
 

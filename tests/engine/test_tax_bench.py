@@ -42,6 +42,54 @@ def test_tax_bench_json_and_plots(tmp_path, capsys):
     assert "confidence-exit" in capsys.readouterr().out  # the table
 
 
+def test_tax_bench_in_thinking_mode(tmp_path, capsys):
+    """`ponder bench tax --mode thinking` on the tiny model given the thinking template: every policy
+    runs, budgets are exact in thinking tokens, probes run only where they are asked for."""
+    out = tmp_path / "thinking.json"
+    argv = [
+        "bench",
+        "tax",
+        "--mode",
+        "thinking",
+        "--json",
+        str(out),
+        "--model",
+        TINY_MODEL,
+        "--problems",
+        "2",
+    ]
+    argv += ["--max-tokens", "8", "--segment-tokens", "8", "--kv-cache-mib", "128", "--plots", str(tmp_path)]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["mode"] == "thinking" and res["config"].endswith("local-cpu-thinking.yaml")
+    pol = res["policies"]
+    assert set(pol) == {
+        "budget-1",
+        "budget-2",
+        "budget-4",
+        "budget-6",
+        "confidence-exit",
+        "probe-exit",
+        "tier",
+    }
+    for k in (1, 2, 4, 6):  # exact budgets: k segments of 8 thinking tokens
+        assert (
+            pol[f"budget-{k}"]["mean_thinking_tokens"] == 8 * k and pol[f"budget-{k}"]["mean_segments"] == k
+        )
+        assert pol[f"budget-{k}"]["mean_probes"] == 0
+    assert pol["probe-exit"]["mean_probes"] >= 1 and pol["confidence-exit"]["mean_probes"] == 0
+    assert 1 <= pol["probe-exit"]["mean_segments"] <= 6
+    for m in pol.values():
+        assert (
+            0.0 <= m["accuracy"] <= 1.0
+            and m["mean_tokens"] >= m["mean_thinking_tokens"] + m["mean_probe_tokens"]
+        )
+    run = res["problems"][0]["runs"]["probe-exit"]
+    assert run["thinking"]["probes"] and run["thinking"]["probe_tokens"] > 0
+    assert Path(res["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "probe-exit" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("domain", "message"),
     [("nope", "unknown domain 'nope'; use one of general"), ("medical", "no warm-up datasets")],
