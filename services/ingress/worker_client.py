@@ -22,7 +22,7 @@ WORKER_GONE = (RayActorError, ActorUnavailableError)
 
 
 def session_of(spec: SamplingSpec) -> str | None:
-    return spec.kv_tags[0] if spec.kv_tags else None
+    return spec.kv_tags[0] if spec.kv_tags else spec.affinity
 
 
 class WorkerClient:

@@ -30,7 +30,8 @@ from services.loop.events import (
     local_decide,
 )
 from services.loop.thinking_run import run_thinking
-from services.loop.tot_run import run_tot
+from services.loop.thinking_tot import run_thinking_tot
+from services.loop.tot_run import grant_all, release_none, run_tot
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
 from services.reasoning.prompts import Message, round_messages
@@ -185,13 +186,19 @@ class Orchestrator:
         `decide` overrides the orchestrator's DecideFn for this request; ToT asks `grant_nodes` before
         every expansion (default: everything wanted is granted)."""
         prompt = first_prompt if first_prompt is not None else self.first_prompt(conversation)
-        if plan.strategy == "tot":
-            if self._expand is None:
-                raise ValueError("strategy 'tot' needs an engine that expands n children (expand=)")
+        thinking = self._trace is not None and plan.mode == "thinking"
+        if plan.strategy == "tot" and self._expand is None:
+            raise ValueError("strategy 'tot' needs an engine that expands n children (expand=)")
+        if plan.strategy == "tot" and thinking:  # a tree of segments of one native trace
+            grant, release = grant_nodes or grant_all, release_nodes or release_none
+            events = run_thinking_tot(
+                self, request_id, plan, sampling, prompt, grant, release, decide or self._decide
+            )
+        elif plan.strategy == "tot":
             events = run_tot(
                 self, request_id, conversation, plan, sampling, prompt, grant_nodes, release_nodes, decide
             )
-        elif self._trace is not None and plan.mode == "thinking":  # one native trace, in segments
+        elif thinking:  # one native trace, in segments
             events = run_thinking(self, request_id, plan, sampling, prompt, decide or self._decide)
         else:
             events = self._chain(request_id, conversation, plan, sampling, prompt, decide or self._decide)

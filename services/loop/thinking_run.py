@@ -104,7 +104,7 @@ async def run_thinking(
 ) -> AsyncIterator[Event]:
     markers = orch.trace
     assert markers is not None
-    prompt = list(first_prompt) if orch.trace_opened else first_prompt + orch.encode(markers.start + "\n")
+    prompt = trace_prompt(orch, first_prompt)
     total = sampling.completion_budget  # trace + probes + answer, when the request set it
     reserve = 0 if total is None else min(orch.answer_reserve, total // 2)
     most = max_thinking_tokens(plan) if total is None else min(max_thinking_tokens(plan), total - reserve)
@@ -152,7 +152,7 @@ async def run_thinking(
         else min(sampling.max_tokens, total - trace.thought - trace.probe_tokens)
     )
     record: RoundRecord | None = None
-    async for ev in _answer(
+    async for ev in answer_after(
         orch, request_id, len(loop.rounds), answer_prompt, dataclasses.replace(sampling, max_tokens=cap)
     ):
         if isinstance(ev, RoundRecord):
@@ -186,6 +186,12 @@ async def run_thinking(
     )
 
 
+def trace_prompt(orch: Orchestrator, first_prompt: list[int]) -> list[int]:
+    """The request's prompt with the trace opened (unless its chat template opens it)."""
+    assert orch.trace is not None
+    return list(first_prompt) if orch.trace_opened else first_prompt + orch.encode(orch.trace.start + "\n")
+
+
 def _room(most: int, total: int | None, reserve: int) -> Callable[[_Trace], int]:
     """Thinking tokens the trace may still take: its budget, and under max_completion_tokens its
     share of the request's tokens (probes included)."""
@@ -206,6 +212,27 @@ def _probing(plan: RoundPlan, index: int, more_to_come: bool) -> bool:
     return index + rule.stable_for >= plan.min_rounds
 
 
+async def probe(
+    orch: Orchestrator, rid: str, trace_prompt: list[int], tokens: int, sampling: SamplingSpec
+) -> tuple[str | None, int, int]:
+    """Ask a trace (the prompt that ends with it) for its answer now: (answer or None when it
+    hesitated, completion tokens, prompt tokens). Greedy, never stored, never part of the trace."""
+    assert orch.trace is not None
+    prompt = trace_prompt + orch.encode(probe_suffix(orch.trace))
+    spec = SamplingSpec(
+        max_tokens=min(tokens, max(orch.spare(prompt), 1)),
+        temperature=0.0,  # the model's most likely answer now
+        stop=("\n\n",),
+        top_logprobs=1,
+        kv_tags=None,  # never extended: not worth a place in the KV store
+        affinity=sampling.kv_tags[0] if sampling.kv_tags else sampling.affinity,  # where the trace is cached
+    )
+    acc = Accumulator()
+    async for delta in orch.generate(rid, prompt, spec):
+        acc.add(delta, 0.0)
+    return probe_answer("".join(acc.text)), len(acc.token_ids), acc.prompt_tokens or len(prompt)
+
+
 async def _probe(
     orch: Orchestrator,
     rid: str,
@@ -215,23 +242,10 @@ async def _probe(
     loop: RoundLoop,
     trace: _Trace,
 ) -> None:
-    """Ask the trace so far for its answer; the segment's answer and answer stability become the probe's."""
-    assert orch.trace is not None
-    prompt = trace_prompt + orch.encode(probe_suffix(orch.trace))
-    spec = SamplingSpec(
-        max_tokens=min(loop.plan.probe_tokens, max(orch.spare(prompt), 1)),
-        temperature=0.0,  # the model's most likely answer now
-        stop=("\n\n",),
-        top_logprobs=1,
-        kv_tags=None,  # never extended: not worth a place in the KV store
-    )
-    acc = Accumulator()
-    async for delta in orch.generate(rid, prompt, spec):
-        acc.add(delta, 0.0)
-    text = "".join(acc.text)
-    answer = probe_answer(text)
-    trace.probes.append({"segment": record.index, "answer": answer, "tokens": len(acc.token_ids)})
-    trace.probe_prompt_tokens += acc.prompt_tokens or len(prompt)
+    """Probe after a segment: the segment's answer and answer stability become the probe's."""
+    answer, tokens, prompt_tokens = await probe(orch, rid, trace_prompt, loop.plan.probe_tokens, sampling)
+    trace.probes.append({"segment": record.index, "answer": answer, "tokens": tokens})
+    trace.probe_prompt_tokens += prompt_tokens
     record.answer = answer
     assert record.signals is not None
     record.signals = dataclasses.replace(
@@ -239,7 +253,7 @@ async def _probe(
     )
 
 
-async def _answer(
+async def answer_after(
     orch: Orchestrator, request_id: str, index: int, prompt: list[int], sampling: SamplingSpec
 ) -> AsyncIterator[ContentDelta | RoundRecord]:
     """The answer after the closed trace, streamed as content; its record last."""

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 GREEDY_TOT_TEMPERATURE = 0.7
 
-_EXIT = {
+EXIT = {
     StopReason.CONFIDENT: Reason.CONFIDENCE,
     StopReason.MAX_DEPTH: Reason.CEILING,
     StopReason.FRONTIER_EMPTY: Reason.CEILING,
@@ -51,15 +51,15 @@ def tot_config(plan: RoundPlan) -> TotConfig:
     return TotConfig.model_validate(raw)
 
 
-async def _grant_all(wanted: int) -> int:
+async def grant_all(wanted: int) -> int:
     return wanted
 
 
-async def _release_none(_: int) -> None:
+async def release_none(_: int) -> None:
     return None
 
 
-def _node_header(node_id: int, depth: int, r: RoundRecord) -> str:
+def node_header(node_id: int, depth: int, r: RoundRecord) -> str:
     conf = "n/a" if r.confidence is None else f"{r.confidence:.3f}"
     return f"[tot node {node_id}: depth {depth}, confidence {conf}, answer {r.answer or '-'}]\n"
 
@@ -75,7 +75,7 @@ async def run_tot(
     release: ReleaseFn | None,
     decide: DecideFn | None = None,
 ) -> AsyncIterator[Event]:
-    grant, release = grant or _grant_all, release or _release_none
+    grant, release = grant or grant_all, release or release_none
     search = TotSearch(tot_config(plan))
     records: dict[int, RoundRecord] = {}
     log: list[str] = []
@@ -122,7 +122,7 @@ async def run_tot(
         )
         for offset, rec in enumerate(children):
             records[first_id + offset] = rec
-            text = _node_header(first_id + offset, node.depth + 1, rec) + rec.text + "\n\n"
+            text = node_header(first_id + offset, node.depth + 1, rec) + rec.text + "\n\n"
             log.append(text)
             yield ReasoningDelta(text)
     best = search.best()
@@ -141,7 +141,7 @@ def _outcome(
     """The search's result as the loop's outcome: the best path is the chain of rounds."""
     rounds = [records[i] for i in search.best_path()]
     summary = search.summary()
-    reason = Reason.CONTEXT if context_stop else _EXIT[StopReason(summary["stop_reason"])]
+    reason = Reason.CONTEXT if context_stop else EXIT[StopReason(summary["stop_reason"])]
     for index, r in enumerate(rounds):
         r.index, r.decided_by, r.decision = index, "tot", "continue"
     if rounds:

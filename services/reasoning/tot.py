@@ -81,10 +81,11 @@ class Node:
     children: list[int] = field(default_factory=list)
     expanded: bool = False
     pruned: bool = False  # left out of its level's beam: never expanded, still a candidate answer
+    final: bool = False  # complete (a thinking trace its model closed): never expanded, a candidate answer
 
     @property
     def open(self) -> bool:
-        return not (self.expanded or self.pruned)
+        return not (self.expanded or self.pruned or self.final)
 
 
 class TotSearch:
@@ -185,6 +186,12 @@ class TotSearch:
         if self._confident(self.nodes[first:]):
             self._stop(StopReason.CONFIDENT)
         return first
+
+    def finish(self, node_id: int) -> None:
+        """Mark a generated node complete: it answers as it is and is never expanded."""
+        if not 0 < node_id < len(self.nodes):
+            raise ValueError(f"no generated node {node_id}")
+        self.nodes[node_id].final = True
 
     def _confident(self, nodes: list[Node]) -> bool:
         threshold = self.cfg.exit_confidence

@@ -29,6 +29,9 @@ class SamplingSpec:
     ignore_eos: bool = False
     # (session, round, branch): lets the KV store keep and reuse this round's KV (None: not stored)
     kv_tags: tuple[str, int, str] | None = None
+    # Not sent to the engine. The session a call without KV tags is routed by (a probe goes where the
+    # session's prefix is cached, without being stored).
+    affinity: str | None = None
     # Not sent to the engine. Thinking mode: the request's max_completion_tokens (trace, probes and
     # answer together; OpenAI's meaning). None: max_tokens caps each round and the answer alone.
     completion_budget: int | None = None

@@ -55,7 +55,7 @@ def body(cfg, reasoning, **kw):
     }
 
 
-@pytest.mark.parametrize("tier", ["low", "medium", "high"])
+@pytest.mark.parametrize("tier", ["low", "medium"])
 def test_thinking_runs_to_its_tier_budget_exactly_then_answers_from_the_cached_trace(http, cfg, tier):
     t = TierTable.load(cfg.depth_control.tiers_file).tiers[tier]
     r = http.post("/v1/chat/completions", json=body(cfg, {"tier": tier, **NEVER}))
@@ -145,16 +145,19 @@ def test_probes_ask_the_closed_trace_and_never_enter_it(http, cfg):
 
 
 def test_confidence_ends_thinking_at_the_first_segment_that_reaches_the_threshold(http, cfg):
-    """High (4-6 segments, exit on confidence alone): run it to its ceiling to read each segment's
+    """High as a chain (4-6 segments, exit on confidence alone): run it to its ceiling to read each segment's
     confidence, then again with a threshold just under one of them: greedy decoding repeats the same
     segments, so thinking must end exactly at the first allowed segment that reaches it."""
-    full = http.post("/v1/chat/completions", json=body(cfg, {"tier": "high", **NEVER})).json()["reasoning"]
+    full = http.post(
+        "/v1/chat/completions", json=body(cfg, {"tier": "high", "strategy": "cot", **NEVER})
+    ).json()["reasoning"]
     conf = [x["confidence"] for x in full["rounds"][:-1]]
     assert len(conf) == 6 and all(c is not None for c in conf), conf
     threshold = round(max(conf[3], conf[4]) - 0.0005, 4)
     expected = next(i for i in (3, 4) if conf[i] >= threshold + 0.0002) + 1
     s = http.post(
-        "/v1/chat/completions", json=body(cfg, {"tier": "high", "confidence_threshold": threshold})
+        "/v1/chat/completions",
+        json=body(cfg, {"tier": "high", "strategy": "cot", "confidence_threshold": threshold}),
     ).json()["reasoning"]
     assert s["thinking"]["segments"] == expected and s["thinking"]["closed_by"] == "confidence", (conf, s)
     assert [x["decision"] for x in s["rounds"]][:3] == ["min_rounds"] * 3
@@ -171,3 +174,30 @@ def test_max_completion_tokens_bounds_trace_and_answer_leaving_the_answer_its_re
     )
     assert data["reasoning"]["rounds"][-1]["completion_tokens"] == reserve  # ignore_eos: it fills its room
     assert data["usage"]["completion_tokens"] == 60
+
+
+def test_tree_of_thought_over_segments_branches_from_one_cached_trace(http, cfg):
+    """High: Tree-of-Thought over segments (2 next segments per expansion from the same trace prefix,
+    beam of 1, 10 nodes, every new segment probed); the best path's trace is closed and answered."""
+    t = TierTable.load(cfg.depth_control.tiers_file).tiers["high"]
+    r = http.post(
+        "/v1/chat/completions", json=body(cfg, {"tier": "high", **NEVER}, seed=7)
+    )  # siblings sample
+    assert r.status_code == 200, r.text
+    data = r.json()
+    s, msg = data["reasoning"], data["choices"][0]["message"]
+    tot, th = s["tot"], s["thinking"]
+    assert tot["nodes"] == t.tot["max_total_nodes"] and tot["expansions"] == 5 and tot["depth"] == 5, tot
+    path = s["rounds"][:-1]
+    assert th["segments"] == len(tot["best_path"]) == len(path) == 5
+    assert (
+        th["thinking_tokens"] == sum(x["completion_tokens"] for x in path) <= t.max_rounds * t.segment_tokens
+    )
+    assert th["all_thinking_tokens"] > th["thinking_tokens"]  # the siblings not taken
+    assert len(th["probes"]) == tot["nodes"]  # every segment probed (none closed its trace here)
+    assert "Final answer:" not in msg["reasoning_content"] and "[tot node 10:" in msg["reasoning_content"]
+    answer = s["rounds"][-1]
+    # the answer's prompt is the best path's trace: all but its last segment were computed before
+    assert answer["kv_cached_tokens"] + answer["kv_loaded_tokens"] >= 4 * t.segment_tokens
+    spent = th["all_thinking_tokens"] + th["probe_tokens"] + answer["completion_tokens"]
+    assert data["usage"]["completion_tokens"] == spent

@@ -375,3 +375,15 @@ def test_random_searches_keep_every_invariant():
         assert len(s.best_path()) == best.depth and s.summary()["best_path"] == s.best_path()
         assert s.summary()["depth"] <= c.max_depth and s.summary()["nodes"] == s.generated
     assert set(reasons) == set(StopReason)  # every way of stopping was exercised
+
+
+def test_a_finished_node_is_never_expanded_but_may_answer():
+    s = TotSearch(cfg(branching=2, max_depth=3, max_total_nodes=8))
+    s.add_children(0, [ChildResult("a", 0.9, "4", 5), ChildResult("b", 0.2, "5", 5)], 2)
+    s.finish(1)  # the best node, complete
+    assert s.next_expansion().id == 2 and s.best().id == 1
+    s.add_children(2, [ChildResult("c", 0.1, None, 5)], 1)
+    with pytest.raises(ValueError, match="already expanded"):
+        s.add_children(1, [], 1)
+    with pytest.raises(ValueError, match="no generated node"):
+        s.finish(0)
