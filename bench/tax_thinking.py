@@ -11,6 +11,8 @@ policies, all within one envelope of 1..`SEGMENTS` segments:
   domain's, or --threshold);
 - probe-exit: after each segment a probe asks the closed trace for its answer (`probe_tokens`,
   greedy); stop when two probes in a row agree (Dynasor);
+- tot: Tree-of-Thought over segments (2 next segments per expansion from the same trace prefix,
+  beam of 1, 10 nodes, each new segment probed; sampled at 0.7 with a fixed seed per problem);
 - tier: each problem's tier as served by configs/tiers-thinking.yaml (its budget, exit rule, probes).
 
 Tokens are every completion token a request cost: trace, probes and answer.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -51,6 +54,18 @@ def policies(segment_tokens: int, threshold: float) -> dict[str, RoundPlan]:
     out = {f"budget-{k}": envelope(segment_tokens, min_rounds=k, max_rounds=k) for k in BUDGETS}
     out["confidence-exit"] = envelope(segment_tokens, threshold=threshold)
     out["probe-exit"] = envelope(segment_tokens, exit_rule={"stable_for": 2}, probe_tokens=PROBE_TOKENS)
+    out["tot"] = envelope(
+        segment_tokens,
+        strategy="tot",
+        tot={
+            "branching": 2,
+            "max_total_nodes": 10,
+            "strategy": "beam",
+            "beam_width": 1,
+            "max_depth": SEGMENTS,
+        },
+        probe_tokens=PROBE_TOKENS,
+    )
     return out
 
 
@@ -59,11 +74,12 @@ def build_jobs(
 ) -> list[Job]:
     g = greedy(max_tokens)
     jobs = []
-    for p in problems:
-        for name, plan in plans.items():
-            jobs.append(Job(p, name, plan, g, f"{name}-{p.id}"))
+    for i, p in enumerate(problems):
         tier = make_plan(table, p.tier or "medium", mode="thinking")
-        jobs.append(Job(p, "tier", tier, g, f"tier-{p.id}"))
+        for name, plan in [*plans.items(), ("tier", tier)]:
+            # a tree samples its siblings (a fixed seed per problem); every other policy is greedy
+            s = dataclasses.replace(g, temperature=0.7, seed=i) if plan.strategy == "tot" else g
+            jobs.append(Job(p, name, plan, s, f"{name}-{p.id}"))
     return jobs
 
 

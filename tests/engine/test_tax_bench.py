@@ -70,6 +70,7 @@ def test_tax_bench_in_thinking_mode(tmp_path, capsys):
         "budget-6",
         "confidence-exit",
         "probe-exit",
+        "tot",
         "tier",
     }
     for k in (1, 2, 4, 6):  # exact budgets: k segments of 8 thinking tokens
@@ -79,6 +80,8 @@ def test_tax_bench_in_thinking_mode(tmp_path, capsys):
         assert pol[f"budget-{k}"]["mean_probes"] == 0
     assert pol["probe-exit"]["mean_probes"] >= 1 and pol["confidence-exit"]["mean_probes"] == 0
     assert 1 <= pol["probe-exit"]["mean_segments"] <= 6
+    tree = res["problems"][0]["runs"]["tot"]
+    assert tree["tot"]["nodes"] <= 10 and tree["thinking"]["segments"] == len(tree["tot"]["best_path"])
     for m in pol.values():
         assert (
             0.0 <= m["accuracy"] <= 1.0
