@@ -291,7 +291,11 @@ class Orchestrator:
         prompt: list[int],
         latency_ms: float,
         earlier: Sequence[RoundRecord],
+        *,
+        answers: bool = True,
     ) -> RoundRecord:
+        """A finished round's record and signals. `answers`: the round is expected to state a final
+        answer (False for a thinking segment), so one that does not is never confident."""
         text = "".join(acc.text)
         confidence = round_confidence(text, acc.token_ids, acc.logprobs, self._vocab, self._tok.decode)
         answer = extract_answer(self.split(text)[1] or text)  # mid-trace: what the trace says so far
@@ -300,6 +304,7 @@ class Orchestrator:
             Signals.compute(acc.logprobs, self._vocab),
             entropy_confidence=confidence,
             stable_rounds=stable_rounds([*(r.answer for r in earlier), answer]),
+            has_answer=(answer is not None) if answers else None,
         )
         return RoundRecord(
             index=index,

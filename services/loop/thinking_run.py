@@ -126,7 +126,9 @@ async def run_thinking(
         seg, start, seg_prompt = _Seg(), orch.now(), prompt + trace.ids
         async for ev in _segment(orch, f"{request_id}-s{index}", prompt, trace, spec, least, seg):
             yield ev
-        record = orch.record(index, seg.acc, seg_prompt, (orch.now() - start) * 1000.0, loop.rounds)
+        record = orch.record(
+            index, seg.acc, seg_prompt, (orch.now() - start) * 1000.0, loop.rounds, answers=False
+        )
         trace.thought += record.completion_tokens
         if seg.closed and trace.thought >= least:  # the model ended its thinking itself
             verdict = loop.settle(record, Verdict(Action.EXIT, Reason.TRACE_CLOSED))

@@ -165,7 +165,9 @@ async def _expand(
         await release(granted)
     tree.prompt_tokens += results[0].prompt_tokens if results else 0
     earlier = [tree.records[i] for i in tree.search.path(node_id)]
-    children = [orch.record(depth, Accumulator.of(r), prompt, r.latency_ms, earlier) for r in results]
+    children = [
+        orch.record(depth, Accumulator.of(r), prompt, r.latency_ms, earlier, answers=False) for r in results
+    ]
     closed = [r.finish_reason == "stop" for r in results]
     ids = [
         orch.encode(c.text) if shut else list(r.token_ids)

@@ -79,6 +79,9 @@ class Signals:
     tail_confidence: float | None
     n_tokens: int
     stable_rounds: int = 0  # rounds, this one included, that ended on the same extracted answer
+    # Whether the round stated a final answer; None where none is expected (a thinking segment). A
+    # round that should answer and did not is never confident, however sure its tokens were.
+    has_answer: bool | None = None
 
     @classmethod
     def of_confidence(cls, confidence: float | None) -> Signals:

@@ -262,6 +262,8 @@ def decide(plan: RoundPlan, rounds_done: int, signals: Signals | float | None) -
         return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD)
     if not isinstance(signals, Signals):
         signals = Signals.of_confidence(signals)
+    if signals.has_answer is False:
+        return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD, ("no final answer",))
     ok, detail = rule.satisfied(signals, signals.stable_rounds)
     return Verdict(
         Action.EXIT if ok else Action.CONTINUE,

@@ -69,17 +69,24 @@ def test_low_tier_never_exceeds_two_rounds(client, app_config, question):
             assert len(rounds) == 2
 
 
+ANSWERS = "Reply with exactly this line: Final answer: hello"  # SmolLM2 does, within 16 tokens
+
+
 def test_min_rounds_hold_when_confidence_is_maximal(client, app_config):
-    # threshold 0: every round is "confident", yet exit waits for min_rounds
+    # threshold 0: every round that states an answer is "confident", yet exit waits for min_rounds
     resp = ask(
         client,
         app_config.engine.model,
-        {"tier": "high", "strategy": "cot", "min_rounds": 3, "confidence_threshold": 0.0},
+        {"tier": "high", "strategy": "cot", "min_rounds": 3, "max_rounds": 4, "confidence_threshold": 0.0},
+        question=ANSWERS,
         max_tokens=16,
     )
-    summary = resp.model_extra["reasoning"]
-    assert len(summary["rounds"]) == 3 and summary["exit_reason"] == "confidence"
-    assert [r["decision"] for r in summary["rounds"]] == ["min_rounds", "min_rounds", "confidence"]
+    rounds = resp.model_extra["reasoning"]["rounds"]
+    assert [r["decision"] for r in rounds][:2] == ["min_rounds", "min_rounds"] and len(rounds) >= 3
+    # the first round allowed to exit does, if it stated an answer (a round without one never is confident)
+    third = rounds[2]
+    assert (third["decision"] == "confidence") == (third["answer"] is not None), rounds
+    assert len(rounds) == (3 if third["answer"] is not None else 4)
 
 
 def test_max_rounds_hold_when_confidence_is_low(client, app_config):

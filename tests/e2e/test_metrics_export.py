@@ -118,10 +118,11 @@ def dashboard_metrics() -> set[str]:
 
 def test_every_dashboard_query_names_an_exported_metric(http, app_config):
     model = app_config.engine.model
-    early = {  # confidence threshold 0: exits after its first round, below the ceiling of 2
+    early = {  # confidence threshold 0: exits after its first round (it states an answer), below 2
         "model": model,
-        "messages": [{"role": "user", "content": "Say hello."}],
-        "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Reply with exactly this line: Final answer: hello"}],
+        "max_tokens": 16,
+        "temperature": 0,
         "reasoning": {"tier": "low", "max_rounds": 2, "confidence_threshold": 0.0},
     }
     r = http.post("/v1/chat/completions", json=early)

@@ -35,15 +35,18 @@ class WordTokenizer:
 
 
 class FakeEngine:
-    def __init__(self, top=SURE, words=3):
-        self.top, self.words, self.calls = top, words, []
+    """Rounds of `words` words; with `answer`, the last word is "Final answer: <answer>"."""
+
+    def __init__(self, top=SURE, words=3, answer=None):
+        self.top, self.words, self.answer, self.calls = top, words, answer, []
 
     async def generate(self, rid, prompt, spec):
         self.calls.append((rid, len(prompt), spec.max_tokens))
         n = min(self.words, spec.max_tokens)
         for i in range(n):
+            last = self.answer is not None and i == n - 1
             yield GenerateDelta(
-                f"w{i} ",
+                f"Final answer: {self.answer}" if last else f"w{i} ",
                 [3],
                 [self.top],
                 finished=i == n - 1,
@@ -113,8 +116,16 @@ def test_ceiling_holds_even_if_depth_control_says_continue():
     assert len(outcome.rounds) == 5 and outcome.exit_reason is Reason.CEILING
 
 
-def test_unreachable_depth_control_decides_locally():
+def test_a_confident_round_without_a_final_answer_is_not_confident():
+    """'17 + 25 is indeed 27.' at confidence 0.95 and no answer line: the loop goes on to its ceiling."""
     events = run(orch(FakeEngine(SURE), remote(None)), RoundPlan("low", 1, 2, 0.82))
+    out = events[-1].outcome
+    assert len(out.rounds) == 2 and out.exit_reason is Reason.CEILING and out.rounds[0].confidence == 1.0
+    assert out.rounds[0].decision == "below_threshold" and out.rounds[0].detail == ("no final answer",)
+
+
+def test_unreachable_depth_control_decides_locally():
+    events = run(orch(FakeEngine(SURE, answer="4"), remote(None)), RoundPlan("low", 1, 2, 0.82))
     outcome = events[-1].outcome
     assert len(outcome.rounds) == 1 and outcome.exit_reason is Reason.CONFIDENCE
     assert outcome.rounds[0].decided_by == "local"

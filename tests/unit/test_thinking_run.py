@@ -263,3 +263,36 @@ def test_max_completion_tokens_is_trace_and_answer_with_room_kept_for_the_answer
     assert out.thinking["thinking_tokens"] == total - reserve == sum(segments(engine))
     assert engine.calls[-1][2] == reserve  # the answer may use exactly what is left
     assert out.thinking["budget"]["answer_reserve"] == reserve and out.exit_reason.value == "ceiling"
+
+
+def test_segments_are_stored_as_rounds_of_the_session_and_probes_are_never_stored():
+    """KV retention follows the trace: segment i is round i of the session in the store (the live
+    segment and the one before stay hot, older ones go to disk first: kvstore/core.py); a probe is
+    never stored, but is routed to the session's worker, whose prefix cache holds the trace."""
+    engine, tags = Prober([UNSURE], ["1", "2", "3", "3"]), []
+    generate = engine.generate
+
+    async def spy(rid, prompt, spec):
+        tags.append((rid, spec.kv_tags, spec.affinity))
+        async for d in generate(rid, prompt, spec):
+            yield d
+
+    o = Orchestrator(
+        spy,
+        _continue,
+        CharTokenizer(),
+        vocab_size=100,
+        max_model_len=100_000,
+        min_round_tokens=4,
+        trace=TraceMarkers(),
+    )
+
+    async def go():
+        spec = SamplingSpec(max_tokens=32, kv_tags=("sess", 0, ""))
+        return [e async for e in o.run("r", [Message("user", "2+2?")], stable_plan(), spec)]
+
+    asyncio.run(go())
+    segs = [(t, a) for rid, t, a in tags if "-s" in rid]
+    assert [t for t, _ in segs] == [("sess", i, "") for i in range(4)]
+    assert all(t is None and a == "sess" for rid, t, a in tags if "-p" in rid) and len(tags) == 4 + 4 + 1
+    assert tags[-1][1] == ("sess", 4, "")  # the answer: the round after the last segment
