@@ -147,7 +147,23 @@ def render(s: dict) -> str:
             f"  degraded admissions {b['degraded_admissions']}, decisions "
             + (", ".join(f"{k} {v}" for k, v in sorted(d["decisions"].items())) or "none")
         )
+        lines += _depth_value_lines(d.get("depth_value") or {})
     return "\n".join(lines)
+
+
+def _depth_value_lines(report: dict) -> list[str]:
+    """What later rounds were worth, per domain and tier, and the ceiling that comes to."""
+    out = []
+    for domain, tiers in sorted(report.items()):
+        for tier, v in sorted(tiers.items()):
+            rates = ", ".join(
+                f"{k.removeprefix('round_')} {r['change_rate']:.0%}" for k, r in v["rounds"].items()
+            )
+            out.append(
+                f"  depth value {domain}/{tier}: ceiling {v['effective_max_rounds']} ({v['reason']}); "
+                f"answers changed by round: {rates}"
+            )
+    return out
 
 
 def main(address: str, as_json: bool = False, names: DepthControlConfig | None = None) -> str:

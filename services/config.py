@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.ingress.auth import read_keys
 from services.reasoning.budgets import BudgetConfig
+from services.reasoning.depth_value import DepthValueConfig
 from services.worker.engine_config import EngineConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,6 +82,10 @@ class DepthControlConfig(_Strict):
         "here. Default $PONDER_HOME/state (~/.cache/ponder/state); on Kubernetes, a volume.",
     )
     budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="Cluster-wide budgets.")
+    depth_value: DepthValueConfig = Field(
+        default_factory=DepthValueConfig,
+        description="Ceilings learned online: where later rounds stop changing answers, fewer run.",
+    )
     request_retention_s: float = Field(
         7 * 86400.0,
         gt=0,

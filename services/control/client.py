@@ -48,6 +48,7 @@ class Control:
     reasons: list[str] = field(default_factory=list)
     local_decisions: int = 0  # rounds decided locally because the actor did not answer
     verdicts: str = "router"  # as granted at admission: the router's, or the actor's per round
+    depth_value: dict | None = None  # the ceiling learned from later rounds' worth, as admitted
 
     def summary(self) -> dict:
         return {
@@ -55,6 +56,7 @@ class Control:
             "local_ceilings": not self.reachable or self.local_decisions > 0,
             "degraded": self.degraded,
             "degraded_reasons": self.reasons,
+            "depth_value": self.depth_value,
         }
 
 
@@ -100,6 +102,14 @@ class DepthClient:
         if seen is None or version >= seen[1]:  # admissions may answer out of order
             self.thresholds[domain] = (adm.get("domain_threshold"), version)
         return adm
+
+    async def depth_report(self) -> dict | None:
+        """What later rounds were worth, per domain and tier (None: depth control unreachable)."""
+        try:
+            return await self._call(self.actor.depth_report.remote())
+        except Exception as exc:
+            log.warning("depth control unavailable for its depth report (%s)", type(exc).__name__)
+            return None
 
     def last_threshold(self, domain: str | None) -> float | None:
         """The domain's threshold as the last admission granted it (None: none seen)."""
@@ -164,11 +174,19 @@ class DepthClient:
 
         return grant, release
 
-    def finish(self, rid: str, key: str, completion_tokens: int, rounds: list[dict] | None = None) -> None:
-        """The session ended: its budgets are freed and its rounds reported, in one call that
-        nothing waits on (a lost report costs statistics, never a verdict)."""
+    def finish(
+        self,
+        rid: str,
+        key: str,
+        completion_tokens: int,
+        rounds: list[dict] | None = None,
+        context: dict | None = None,
+    ) -> None:
+        """The session ended: its budgets are freed and its rounds reported (with their `context`:
+        domain, tier, whether they were a chain's), in one call that nothing waits on (a lost report
+        costs statistics, never a verdict)."""
         try:
-            self.actor.finish.remote(rid, key, completion_tokens, rounds or [])
+            self.actor.finish.remote(rid, key, completion_tokens, rounds or [], context)
         except Exception as exc:
             log.warning("could not report session end (%s); its lease will expire", exc)
 

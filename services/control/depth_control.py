@@ -25,6 +25,7 @@ from services.control.records import state_path
 from services.control.state import StateStore
 from services.control.thresholds import LiveThresholds
 from services.reasoning.budgets import Budgets
+from services.reasoning.depth_value import DepthValue
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.signals import Signals
 from services.reasoning.tiers import RoundPlan, TierTable, decide
@@ -52,6 +53,8 @@ class DepthControl:
         self.budgets = Budgets.restore(self.cfg.budgets, snap, now) if snap else Budgets(self.cfg.budgets)
         self.peak_nodes_in_flight = int(meta.get("peak_nodes_in_flight", 0)) if snap else 0
         self.decisions: Counter[str] = Counter(meta.get("decisions", {}))
+        # Kept across cluster restarts too: what rounds were worth does not depend on the cluster.
+        self.depth_value = DepthValue.restore(self.cfg.depth_value, self.store.load_checkpoint("depth_value"))
         self.starts = int(meta.get("starts", 0)) + 1
         self._last_checkpoint = 0.0
         self._checkpoint(now, force=True)
@@ -75,6 +78,7 @@ class DepthControl:
             "peak_nodes_in_flight": self.peak_nodes_in_flight,
         }
         self.store.save_checkpoint("meta", meta, now)
+        self.store.save_checkpoint("depth_value", self.depth_value.snapshot(), now)
         self._last_checkpoint = now
 
     # --- admission and decisions ------------------------------------------------------------------
@@ -103,15 +107,27 @@ class DepthControl:
             self.decisions["degraded"] += 1
         self._checkpoint(now)
         threshold = self.thresholds.get(domain, now)
+        value = self._depth_value(session_id, domain, tier, adm.min_rounds, adm.max_rounds)
         return {
-            "max_rounds": adm.max_rounds,
-            "min_rounds": adm.min_rounds,
+            "max_rounds": value["max_rounds"],
+            "min_rounds": min(adm.min_rounds, value["max_rounds"]),
+            "depth_value": value,
             "degraded": adm.degraded,
             "reasons": list(adm.reasons),
             "domain_threshold": threshold.value,
             "threshold_version": threshold.version,
             "verdicts": self.cfg.verdicts,
         }
+
+    def _depth_value(self, session_id: str, domain: str, tier: str, floor: int, ceiling: int) -> dict:
+        """The ceiling learned from what this domain's and tier's later rounds were worth; a share of
+        sessions explores (runs to the granted ceiling) so the rounds above keep being measured."""
+        if self.depth_value.explores(session_id):
+            return {"max_rounds": ceiling, "reason": "exploring: runs to the ceiling", "explore": True}
+        eff, why = self.depth_value.ceiling(domain, tier, floor, ceiling)
+        if eff < ceiling:
+            self.decisions["depth_value_lowered"] += 1
+        return {"max_rounds": eff, "reason": why, "explore": False}
 
     def decide(self, plan: dict, rounds_done: int, signals: dict | None) -> tuple[str, str, list[str]]:
         """A round's verdict, for plans granted with `verdicts: actor` (counted when reported)."""
@@ -142,11 +158,17 @@ class DepthControl:
         self._checkpoint(now, force=True)
 
     def finish(
-        self, session_id: str, api_key: str, completion_tokens: int, rounds: list[dict] | None = None
+        self,
+        session_id: str,
+        api_key: str,
+        completion_tokens: int,
+        rounds: list[dict] | None = None,
+        context: dict | None = None,
     ) -> None:
         """A session ended: release its budgets (deep slot, nodes it held), count its tokens against
-        its key, and take its rounds' report (services/ingress/chat.round_reports) for statistics.
-        A report that does not parse costs its statistics, nothing else."""
+        its key, and take its rounds' report (services/ingress/chat.round_reports) for statistics;
+        `context` ({domain, tier, chain}) says whether they were rounds of a chain, which teach
+        the depth value. A report that does not parse costs its statistics, nothing else."""
         self.calls["finish"] += 1
         now = self.clock()
         self.budgets.finish(session_id, now)
@@ -157,6 +179,10 @@ class DepthControl:
                 self.decisions[r["decision"]] += 1
                 self.reported[str(r.get("decided_by", ""))] += 1
                 self.reported["answer_changed"] += bool(r.get("answer_changed"))
+        ctx = context if isinstance(context, dict) else {}
+        if ctx.get("chain") and rounds and all(isinstance(r, dict) for r in rounds):
+            changed = [bool(r.get("answer_changed")) for r in rounds[1:]]
+            self.depth_value.observe(str(ctx.get("domain", "")), str(ctx.get("tier", "")), changed)
         self._checkpoint(now, force=True)
 
     # --- introspection ----------------------------------------------------------------------------
@@ -175,7 +201,19 @@ class DepthControl:
             "calls": dict(self.calls),
             "reported_rounds": dict(self.reported),
             "verdicts": self.cfg.verdicts,
+            "depth_value": self.depth_report(),
         }
+
+    def depth_report(self) -> dict:
+        """Per domain and tier: each later round's requests seen and change rate, and the ceiling
+        the configured one comes down to (GET /v1/domains, ponder status)."""
+        out = {}
+        for key, rounds in self.depth_value.summary().items():
+            domain, _, tier = key.partition("|")
+            t = self.table.tiers.get(tier)
+            eff, why = self.depth_value.ceiling(domain, tier, t.min_rounds, t.max_rounds) if t else (None, "")
+            out.setdefault(domain, {})[tier] = {"rounds": rounds, "effective_max_rounds": eff, "reason": why}
+        return out
 
     def ping(self) -> str:
         return "ok"

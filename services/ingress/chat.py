@@ -120,9 +120,20 @@ async def accounted(
         log_request(rid, plan, outcome, status, control, api_key=key if acc.auth is not None else "-")
         tokens = outcome.total_completion_tokens if outcome else 0
         access.record_tokens(acc.auth, key, tokens)
-        acc.depth.finish(rid, key, tokens, round_reports(outcome))
+        acc.depth.finish(
+            rid, key, tokens, round_reports(outcome), report_context(outcome, acc.default_domain)
+        )
         acc.records.record(rid, finished_record(outcome, acc.default_domain))
         acc.on_exit(rid)  # its trace goes first when a shard needs room (kept while there is room)
+
+
+def report_context(o: Outcome | None, default_domain: str) -> dict | None:
+    """What the round reports were: only a chain's rounds (not ToT nodes, not thinking segments)
+    teach depth control what later rounds are worth."""
+    if o is None:
+        return None
+    chain = o.tot is None and o.thinking is None and o.plan.strategy == "cot"
+    return {"domain": o.plan.domain or default_domain, "tier": o.plan.tier, "chain": chain}
 
 
 def round_reports(o: Outcome | None) -> list[dict]:

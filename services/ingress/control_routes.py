@@ -28,7 +28,13 @@ async def feedback(body: FeedbackRequest, request: Request) -> JSONResponse:
 
 @routes.get("/v1/domains")
 async def list_domains(request: Request) -> JSONResponse:
-    return JSONResponse(await records(request).domains())
+    """Every domain's live threshold, calibration and feedback (records), and per tier what its later
+    rounds were worth and the ceiling that comes to (depth control; null when unreachable)."""
+    body = await records(request).domains()
+    depth = await request.app.state.depth.depth_report()
+    for name, d in body.get("domains", {}).items():
+        d["depth_value"] = None if depth is None else depth.get(name, {})
+    return JSONResponse(body)
 
 
 @routes.get("/v1/reviews")

@@ -76,7 +76,7 @@ class Router:
         self.workers = WorkerClient(worker, self.rcfg.round_retries, on_retry=self.metrics.retry)
         # Created at application start-up (services/provision.py); a replica only finds them.
         self.depth, records = find_control(self.cfg.depth_control)
-        self.control = DepthClient(
+        self.control = app.state.depth = DepthClient(
             self.depth,
             self.rcfg.depth_control_timeout_s,
             self.rcfg.tot_grant_wait_s,
@@ -175,6 +175,7 @@ class Router:
             return self.planner.admitted(plan, asked, Admission(plan.max_rounds, plan.min_rounds, last))
         admission = Admission.from_dict(adm)
         control.degraded, control.reasons = admission.degraded, list(admission.reasons)
+        control.depth_value = adm.get("depth_value")
         return self.planner.admitted(plan, asked, admission)
 
     @app.get("/v1/models")

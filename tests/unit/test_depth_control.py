@@ -150,6 +150,7 @@ def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
         "local_ceilings": True,
         "degraded": False,
         "degraded_reasons": [],
+        "depth_value": None,
     }
 
 
@@ -197,3 +198,27 @@ def test_finished_requests_past_retention_are_forgotten_but_their_feedback_stays
     with pytest.raises(UnknownRequestError):
         a.feedback("old-2", True)
     assert len(a.store.domain_feedback("math")) == 1  # feedback outlives its request
+
+
+def test_the_learned_ceiling_comes_down_survives_a_restart_and_explorers_keep_the_ceiling(cfg):
+    cfg["depth_value"] = {"min_samples": 20, "window": 50, "max_change_rate": 0.05, "explore": 0.1}
+    cfg["budgets"]["max_deep_sessions"] = 1000  # no pressure: only what rounds were worth lowers ceilings
+    clock = Clock()
+    a = DepthControl(cfg, "cluster-1", clock)
+    unchanged = [{"decision": "x", "answer_changed": False}] * 4  # four rounds, one answer throughout
+    chain = {"domain": "math", "tier": "medium", "chain": True}
+    for i in range(20):
+        a.admit(f"s{i}", "k", "medium", 3, 4, "math")
+        a.finish(f"s{i}", "k", 10, unchanged, chain)
+        a.finish(f"t{i}", "k", 10, unchanged, {**chain, "chain": False})  # ToT or thinking: not rounds
+    b = DepthControl(cfg, "cluster-2", clock)  # the statistics survive even a new cluster
+    grants = [b.admit(f"n{i}", "k", "medium", 3, 4, "math") for i in range(200)]
+    explored = [g for g in grants if g["depth_value"]["explore"]]
+    assert 5 <= len(explored) <= 40 and all(g["max_rounds"] == 4 for g in explored)
+    lowered = [g for g in grants if not g["depth_value"]["explore"]]
+    assert all(g["max_rounds"] == 3 and g["min_rounds"] == 3 for g in lowered)  # the floor: min_rounds
+    assert lowered[0]["depth_value"]["reason"].startswith("round 4 changed 0.0% of answers over 20")
+    assert b.admit("x", "k", "medium", 3, 4, "code")["depth_value"]["max_rounds"] == 4  # per domain
+    report = b.depth_report()["math"]["medium"]
+    assert report["effective_max_rounds"] == 3 and report["rounds"]["round_4"]["requests"] == 20
+    assert b.stats()["depth_value"] == b.depth_report()

@@ -34,6 +34,15 @@ SNAPSHOT = {
             "sessions_waiting_for_nodes": 0,
             "degraded_admissions": 5,
         },
+        "depth_value": {
+            "math": {
+                "medium": {
+                    "rounds": {"round_2": {"change_rate": 0.12}, "round_3": {"change_rate": 0.0}},
+                    "effective_max_rounds": 2,
+                    "reason": "round 3 changed 0.0% of answers over 60 requests (<= 2%)",
+                }
+            }
+        },
     },
 }
 
@@ -45,6 +54,8 @@ def test_render_shows_every_part_and_the_unreachable_ones():
     assert "5 blocks, 3.0 MiB, 2 sessions; ram 5/100 slots, disk 0/400 slots; 0 pinned, 1 declined" in text
     assert "def  error: GetTimeoutError" in text
     assert "deep 1/8" in text and "ToT nodes 2/64 (peak 4)" in text and "ceiling 7, confidence 3" in text
+    assert "depth value math/medium: ceiling 2 (round 3 changed 0.0% of answers over 60 requests" in text
+    assert "answers changed by round: 2 12%, 3 0%" in text
     text = render({**SNAPSHOT, "depth_control": {"error": "ActorDiedError"}})
     assert "Depth control: unreachable (ActorDiedError)" in text
 
