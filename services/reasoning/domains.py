@@ -77,6 +77,30 @@ class Calibration(BaseModel):
     at: str = Field(description="ISO date of the calibration.")
 
 
+class TotEvidence(BaseModel):
+    """Whether Tree-of-Thought beat a chain of the same token cost on this domain's problems: the only
+    thing that lets a request that did not ask for ToT get it (services/reasoning/planning.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pays: bool = Field(description="ToT's accuracy beat the chain's at no more tokens.")
+    accuracy_tot: float = Field(ge=0.0, le=1.0)
+    accuracy_chain: float = Field(ge=0.0, le=1.0, description="A chain spending ToT's tokens, or fewer.")
+    tokens_tot: float = Field(ge=0.0, description="Mean completion tokens per problem.")
+    tokens_chain: float = Field(ge=0.0)
+    n_problems: int = Field(ge=1)
+    model: str = Field(description="Model the runs came from: evidence does not transfer across models.")
+    at: str = Field(description="ISO date of the measurement.")
+
+    def reason(self, domain: str) -> str:
+        verdict = "beat" if self.pays else "did not beat"
+        return (
+            f"Tree-of-Thought {verdict} a chain on {domain} ({self.accuracy_tot:.2f} vs "
+            f"{self.accuracy_chain:.2f} accuracy, {self.tokens_tot:.0f} vs {self.tokens_chain:.0f} tokens, "
+            f"{self.n_problems} problems, {self.model})"
+        )
+
+
 class Domain(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -88,6 +112,9 @@ class Domain(BaseModel):
     tier: str = Field("medium", description="Tier whose ceiling calibration runs warm-up problems to.")
     warmup: list[Warmup] = Field(default_factory=list, description="Calibration datasets; empty = none.")
     calibration: Calibration | None = Field(None, description="Written by `ponder calibrate`.")
+    tot: TotEvidence | None = Field(
+        None, description="Evidence that Tree-of-Thought pays here; without it tiers that use ToT run chains."
+    )
 
     @field_validator("tier")
     @classmethod

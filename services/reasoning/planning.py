@@ -88,7 +88,32 @@ class RequestPlanner:
             thinking_budget=req.thinking_budget,
             mode=req.mode,
         )
+        plan, strategy_reason = self._tree_only_where_it_pays(plan, req, domain)
+        if strategy_reason:
+            tier_reason = f"{tier_reason}; {strategy_reason}"
         return Planned(plan, tier_reason, domain_reason)
+
+    def _tree_only_where_it_pays(
+        self, plan: RoundPlan, req: PlanRequest, domain: str
+    ) -> tuple[RoundPlan, str]:
+        """A tier's Tree-of-Thought runs only where the client asked for it (`strategy: tot` or a `tot`
+        object) or the domain's evidence says ToT beats a chain of the same tokens; otherwise the tier
+        runs as a chain with its ceiling, so the spend is the ceiling's chain cost at most."""
+        if plan.strategy != "tot":
+            return plan, ""
+        if req.strategy == "tot" or req.tot is not None:
+            return plan, "Tree-of-Thought: requested"
+        d = self.domains.domains.get(domain)
+        evidence = d.tot if d is not None else None
+        if evidence is not None and evidence.pays:
+            return plan, evidence.reason(domain)
+        chain = dataclasses.replace(plan, strategy="cot", tot=None)
+        why = (
+            evidence.reason(domain)
+            if evidence is not None
+            else f"no evidence that Tree-of-Thought pays on {domain}"
+        )
+        return chain, f"chain: {why}"
 
     @staticmethod
     def admitted(plan: RoundPlan, req: PlanRequest, admission: Admission | None) -> RoundPlan:

@@ -307,4 +307,8 @@ def test_tier_is_scored_from_the_prompt_unless_named(client, http, app_config):
     got = (summary["tier"], summary["tier_reason"], summary["domain"])
     assert got == ("critical", expected.reason, "medical")
     named = ask(client, model, {"tier": "high", "max_rounds": 1}, max_tokens=4).model_extra["reasoning"]
-    assert (named["tier"], named["tier_reason"]) == ("high", "requested")
+    # high's Tree-of-Thought runs only where asked for or shown to pay: here a chain, and it says why
+    assert named["tier"] == "high" and named["strategy"] == "cot", named
+    assert named["tier_reason"].startswith("requested; chain: no evidence that Tree-of-Thought pays on ")
+    tree = ask(client, model, {"tier": "high", "strategy": "tot", "max_rounds": 1}, max_tokens=4)
+    assert tree.model_extra["reasoning"]["tier_reason"] == "requested; Tree-of-Thought: requested"

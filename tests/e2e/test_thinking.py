@@ -181,7 +181,7 @@ def test_tree_of_thought_over_segments_branches_from_one_cached_trace(http, cfg)
     beam of 1, 10 nodes, every new segment probed); the best path's trace is closed and answered."""
     t = TierTable.load(cfg.depth_control.tiers_file).tiers["high"]
     r = http.post(
-        "/v1/chat/completions", json=body(cfg, {"tier": "high", **NEVER}, seed=7)
+        "/v1/chat/completions", json=body(cfg, {"tier": "high", "strategy": "tot", **NEVER}, seed=7)
     )  # siblings sample
     assert r.status_code == 200, r.text
     data = r.json()
