@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
+from bench import write_json
 from bench.overhead import percentile
 from services.config import DEFAULT_CONFIG, AppConfig
 
@@ -329,9 +328,7 @@ def main(args: argparse.Namespace) -> int:
     res = summarize(results, rate, tot, args)
     print_table(res)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        print(f"wrote {write_json(args.json_path, res)}")
     return 0
 
 

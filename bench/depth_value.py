@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench import write_json
 from services.config import DEFAULT_CONFIG, AppConfig
 from services.control.depth_control import DepthControl
 
@@ -157,7 +158,5 @@ def main(args: argparse.Namespace) -> int:
     res = measure(args)
     print_table(res)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        print(f"wrote {write_json(args.json_path, res)}")
     return 0

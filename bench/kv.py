@@ -26,13 +26,12 @@ The worker-side data path alone, per context length and on a GPU too: `ponder be
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench import write_json
 from kvstore.codec import BlockHeader, decode, encode
 from kvstore.digest import Hasher
 from kvstore.shard.pool import RamPool, slot_bytes_for, waste_fraction
@@ -327,7 +326,5 @@ def main(args: argparse.Namespace) -> int:
     for key, why in res["not_measured"].items():
         print(f"{key}: not measured ({why})")
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        print(f"wrote {write_json(args.json_path, res)}")
     return 0

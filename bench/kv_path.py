@@ -27,11 +27,11 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench import write_json
 from kvstore.connector.datapath import KvDataPath
 from kvstore.connector.engine_store import LocalStore
 from kvstore.connector.layout import CacheLayout
@@ -291,9 +291,7 @@ def main(args: argparse.Namespace) -> int:
     res = measure(args)
     _print(res)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        print(f"wrote {write_json(args.json_path, res)}")
     return 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import tempfile
 import threading
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench import write_json
 
 SERIES = {  # panel -> (metric, label to split by, extra label filter)
     "requests finished (by tier)": ("ray_ponder_requests_total", "tier", {}),
@@ -161,8 +162,7 @@ def main(args: argparse.Namespace) -> int:
         "seconds": round(timeline[-1][0], 1),
         "final": {f"{n}{dict(ls)}": v for (n, ls), v in sorted(final.items())},
     }
-    Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json_path, res)
     print(
         f"{len(codes)} requests {res['status_codes']} in {res['seconds']} s; "
         f"wrote {args.png} and {args.json_path}"

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
+from bench import write_json
 from services.config import DEFAULT_CONFIG, AppConfig
 
 COMMAND = ("overhead", "time added per round by router + depth control")
@@ -191,7 +190,5 @@ def main(args: argparse.Namespace) -> int:
         res = asyncio.run(measure(cfg, url, args))
     print_table(res)
     if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {args.json_path}")
+        print(f"wrote {write_json(args.json_path, res)}")
     return 0

@@ -12,19 +12,18 @@ Starts its own local cluster with the app config, or drives one already serving 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import tempfile
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
 
 from bench import soak_probe as probe
 from bench import soak_stats as stats
+from bench import write_json
 
 # tier -> (the request's `reasoning` object, weight): mostly short low/medium sessions, some ToT.
 MIX = {
@@ -259,8 +258,7 @@ def report(args, done: list[dict], ticks: list[dict], before: dict, after: dict,
 
 
 def write(res: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(path, res)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import write_json
 from cluster.problems import Problem, load_problems
 from cluster.runner import (
     Job,
     JobResult,
-    Runner,
     add_engine_arguments,
     default_model,
     engine_settings_note,
     greedy,
     plan_for,
     repo_path,
+    run_jobs,
     settings_from_args,
 )
 from services.reasoning.domains import DomainRegistry
@@ -282,16 +281,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     problems = load_problems(args.suite, args.problems, args.seed)
     tiers = problem_tiers(problems, args.tiers, settings.complexity_file)
     jobs = build_jobs(problems, tiers, table, threshold, args)
-    runner = Runner(settings.engine)
-    await runner.start()
-    try:
-        t0 = time.perf_counter()
-        results = await runner.run_all(jobs, args.concurrency, desc="tax bench")
-        run_s = time.perf_counter() - t0
-    finally:
-        await runner.shutdown()
+    results, timings = await run_jobs(settings.engine, jobs, args.concurrency, "tax bench", len(problems))
     res = summarize(problems, tiers, table, threshold, results)
-    tokens = sum(r.completion_tokens for r in results)
     head = {
         "model": args.model,
         "n": len(problems),
@@ -302,14 +293,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "engine": engine_settings_note(settings),
-        "timings": {
-            "engine_start_s": round(runner.startup_s, 1),
-            "run_s": round(run_s, 1),
-            "per_problem_s": round(run_s / len(problems), 1),
-            "requests": len(jobs),
-            "completion_tokens": tokens,
-            "tokens_per_s": round(tokens / run_s, 1),
-        },
+        "timings": timings,
     }
     return head | res
 
@@ -352,7 +336,6 @@ def main(args: argparse.Namespace) -> int:
         res = asyncio.run(measure(args))
         print_table(res)
         res["plots"] = [str(p) for p in plot_tax(res, Path(args.plots))]
-    Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_path).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json_path, res)
     print(f"wrote {args.json_path} and {', '.join(res['plots'])}")
     return 0

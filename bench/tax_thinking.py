@@ -24,11 +24,10 @@ import argparse
 import collections
 import dataclasses
 import statistics
-import time
 from typing import Any
 
 from cluster.problems import Problem, load_problems
-from cluster.runner import Job, JobResult, Runner, engine_settings_note, greedy, settings_from_args
+from cluster.runner import Job, JobResult, engine_settings_note, greedy, run_jobs, settings_from_args
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.tiers import RoundPlan, TierTable, make_plan
 
@@ -138,15 +137,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     problems = load_problems(args.suite, args.problems, args.seed)
     plans = policies(args.segment_tokens, threshold)
     jobs = build_jobs(problems, table, plans, args.max_tokens)
-    runner = Runner(settings.engine)
-    await runner.start()
-    try:
-        t0 = time.perf_counter()
-        results = await runner.run_all(jobs, args.concurrency, desc="thinking tax bench")
-        run_s = time.perf_counter() - t0
-    finally:
-        await runner.shutdown()
-    tokens = sum(r.completion_tokens for r in results)
+    results, timings = await run_jobs(
+        settings.engine, jobs, args.concurrency, "thinking tax bench", len(problems)
+    )
     head = {
         "mode": "thinking",
         "model": args.model,
@@ -160,14 +153,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "confidence_threshold": threshold,
         "answer_max_tokens": args.max_tokens,
         "engine": engine_settings_note(settings),
-        "timings": {
-            "engine_start_s": round(runner.startup_s, 1),
-            "run_s": round(run_s, 1),
-            "per_problem_s": round(run_s / len(problems), 1),
-            "requests": len(jobs),
-            "completion_tokens": tokens,
-            "tokens_per_s": round(tokens / run_s, 1),
-        },
+        "timings": timings,
     }
     return head | summarize(problems, results, [*plans, "tier"])
 

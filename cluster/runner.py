@@ -268,6 +268,29 @@ class Runner:
             return list(await asyncio.gather(*(one(j) for j in jobs)))
 
 
+async def run_jobs(
+    engine: EngineConfig, jobs: Sequence[Job], concurrency: int, desc: str, problems: int
+) -> tuple[list[JobResult], dict[str, Any]]:
+    """Start an engine, run every job on it, stop it: the results, and the run's timings."""
+    runner = Runner(engine)
+    await runner.start()
+    try:
+        t0 = time.perf_counter()
+        results = await runner.run_all(jobs, concurrency, desc=desc)
+        run_s = time.perf_counter() - t0
+    finally:
+        await runner.shutdown()
+    tokens = sum(r.completion_tokens for r in results)
+    return results, {
+        "engine_start_s": round(runner.startup_s, 1),
+        "run_s": round(run_s, 1),
+        "per_problem_s": round(run_s / max(problems, 1), 1),
+        "requests": len(jobs),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / run_s, 1) if run_s else 0.0,
+    }
+
+
 def _result(job: Job, outcome: Outcome, done_ms: list[float], latency_ms: float) -> JobResult:
     rows = []
     for i, r in enumerate(outcome.rounds):
