@@ -13,7 +13,8 @@ policies, all within one envelope of 1..`SEGMENTS` segments:
   greedy); stop when two probes in a row agree (Dynasor);
 - tot: Tree-of-Thought over segments (2 next segments per expansion from the same trace prefix,
   beam of 1, 10 nodes, each new segment probed; sampled at 0.7 with a fixed seed per problem);
-- tier: each problem's tier as served by configs/tiers-thinking.yaml (its budget, exit rule, probes).
+- tier: each problem's tier as the router plans it with configs/tiers-thinking.yaml (its budget, exit
+  rule, probes; high's Tree-of-Thought only where the domain's evidence says it pays).
 
 Tokens are every completion token a request cost: trace, probes and answer.
 """
@@ -28,8 +29,10 @@ from typing import Any
 
 from cluster.problems import Problem, load_problems
 from cluster.runner import Job, JobResult, engine_settings_note, greedy, run_jobs, settings_from_args
+from services.reasoning.complexity import ComplexityConfig
 from services.reasoning.domains import DomainRegistry
-from services.reasoning.tiers import RoundPlan, TierTable, make_plan
+from services.reasoning.planning import PlanRequest, RequestPlanner
+from services.reasoning.tiers import RoundPlan, TierTable
 
 SEGMENTS = 6  # the envelope: at most this many segments
 BUDGETS = (1, 2, 4, 6)
@@ -69,12 +72,16 @@ def policies(segment_tokens: int, threshold: float) -> dict[str, RoundPlan]:
 
 
 def build_jobs(
-    problems: list[Problem], table: TierTable, plans: dict[str, RoundPlan], max_tokens: int
+    problems: list[Problem], planner: RequestPlanner, plans: dict[str, RoundPlan], max_tokens: int
 ) -> list[Job]:
     g = greedy(max_tokens)
     jobs = []
     for i, p in enumerate(problems):
-        tier = make_plan(table, p.tier or "medium", mode="thinking")
+        # as the router plans a request that names its tier (a tier's ToT only where it pays)
+        asked = PlanRequest(
+            user_text=p.question, tier=p.tier or "medium", domain=EXIT_DOMAIN, mode="thinking"
+        )
+        tier = planner.plan(asked).plan
         for name, plan in [*plans.items(), ("tier", tier)]:
             # a tree samples its siblings (a fixed seed per problem); every other policy is greedy
             s = dataclasses.replace(g, temperature=0.7, seed=i) if plan.strategy == "tot" else g
@@ -130,13 +137,16 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from_args(args)
     if settings.engine.reasoning is None and settings.engine.chat_template is None:
         raise SystemExit(f"--mode thinking: {args.config} gives the model no thinking template or markers")
-    table = TierTable.load(settings.tiers_file)
+    domains = DomainRegistry.load(settings.domains_file)
+    planner = RequestPlanner(
+        TierTable.load(settings.tiers_file), ComplexityConfig.load(settings.complexity_file), domains
+    )
     threshold = args.threshold
     if threshold is None:
-        threshold = DomainRegistry.load(settings.domains_file).threshold_for(EXIT_DOMAIN)
+        threshold = domains.threshold_for(EXIT_DOMAIN)
     problems = load_problems(args.suite, args.problems, args.seed)
     plans = policies(args.segment_tokens, threshold)
-    jobs = build_jobs(problems, table, plans, args.max_tokens)
+    jobs = build_jobs(problems, planner, plans, args.max_tokens)
     results, timings = await run_jobs(
         settings.engine, jobs, args.concurrency, "thinking tax bench", len(problems)
     )
