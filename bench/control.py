@@ -319,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
         with outside_serve():
             for mode in modes:
                 cfg = bench_config(args, mode)
-                start_control(cfg.depth_control)
+                start_control(cfg.depth_control, cfg.engine.model)
                 print(f"{mode}: verdicts by the {mode}", flush=True)
                 got = asyncio.run(measure_mode(cfg, args, levels, mode, last=mode == modes[-1]))
                 results[mode], tot, rate = got["levels"], tot or got["tot"], got["rate"]

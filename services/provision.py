@@ -46,7 +46,7 @@ def provision(cfg: AppConfig) -> None:
     """Create (or find) the app's cluster-wide actors; returns once they answer."""
     from services.control.launch import HEAD_NODE_RESOURCE, start_control
 
-    start_control(cfg.depth_control)
+    start_control(cfg.depth_control, cfg.engine.model)
     if cfg.kvstore.enabled:
         from kvstore.shard.keeper import start_keeper
 

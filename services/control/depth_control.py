@@ -34,14 +34,23 @@ log = logging.getLogger("ponder.depth_control")
 
 
 class DepthControl:
-    def __init__(self, cfg: dict, incarnation: str = "", clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        incarnation: str = "",
+        clock: Callable[[], float] = time.time,
+        served_model: str | None = None,
+    ) -> None:
         """`incarnation` names the Ray cluster's lifetime: a restart inside it (same value) resumes
-        the sessions in flight; a new cluster drops them (their routers are gone) and keeps the rest."""
+        the sessions in flight; a new cluster drops them (their routers are gone) and keeps the rest.
+        `served_model`: calibrations taken with another model are not applied (domains.for_model)."""
         self.cfg = DepthControlConfig.model_validate(cfg)
         self.clock = clock
         # Read at every (re)start, so a restarted actor enforces the same table.
         self.table = TierTable.load(self.cfg.tiers_file)
-        self.registry = DomainRegistry.load(self.cfg.domains_file)
+        self.registry, warnings = DomainRegistry.load(self.cfg.domains_file).for_model(served_model)
+        for w in warnings:
+            log.warning("%s", w)
         self.store = StateStore(state_path(self.cfg))
         self.thresholds = LiveThresholds(self.registry, self.store.thresholds, self.cfg.threshold_refresh_s)
         self.calls: Counter[str] = Counter()  # by method: what routers cost this actor

@@ -33,8 +33,9 @@ def _options(name: str, namespace: str) -> dict:
     }
 
 
-def start_control(cfg: DepthControlConfig) -> tuple[object, object]:
-    """(depth control, records), created if absent; both answer before this returns."""
+def start_control(cfg: DepthControlConfig, served_model: str | None = None) -> tuple[object, object]:
+    """(depth control, records), created if absent; both answer before this returns. `served_model`:
+    calibrations taken with another model are not applied."""
     import ray
 
     # Only the creating call's arguments count, and Ray reuses them on every restart; node ids are
@@ -42,7 +43,10 @@ def start_control(cfg: DepthControlConfig) -> tuple[object, object]:
     incarnation = ray.get_runtime_context().get_node_id()[:16]
     depth = ray.remote(DepthControl).options(**_options(cfg.name, cfg.namespace))
     records = ray.remote(ControlRecords).options(**_options(cfg.records_name, cfg.namespace))
-    handles = depth.remote(cfg.model_dump(), incarnation), records.remote(cfg.model_dump())
+    handles = (
+        depth.remote(cfg.model_dump(), incarnation, served_model=served_model),
+        records.remote(cfg.model_dump(), served_model=served_model),
+    )
     ray.get([h.ping.remote() for h in handles])  # a bad state file fails start-up, not a request
     return handles
 

@@ -40,10 +40,12 @@ def live_threshold(store: StateStore, registry: DomainRegistry, domain: str) -> 
 
 
 class ControlRecords:
-    def __init__(self, cfg: dict, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cfg: dict, clock: Callable[[], float] = time.time, served_model: str | None = None
+    ) -> None:
         self.cfg = DepthControlConfig.model_validate(cfg)
         self.clock = clock
-        self.registry = DomainRegistry.load(self.cfg.domains_file)
+        self.registry, _ = DomainRegistry.load(self.cfg.domains_file).for_model(served_model)
         self.store = StateStore(state_path(self.cfg))
         self._last_prune = 0.0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,7 @@ from services.reasoning.planning import Admission, RequestPlanner
 from services.reasoning.thinking import markers_in_template
 from services.reasoning.tiers import PlanError, TierTable
 
+log = logging.getLogger("ponder.router")
 app = FastAPI(
     title="Ponder",
     version="0.1.0",
@@ -63,7 +65,11 @@ class Router:
         send_logs_to_replica_log()
         self.auth = app.state.auth = access.load(self.cfg.auth)  # None: no keys configured
         self.model = self.cfg.engine.model
-        self.domains = DomainRegistry.load(self.cfg.depth_control.domains_file)
+        self.domains, warnings = DomainRegistry.load(self.cfg.depth_control.domains_file).for_model(
+            self.cfg.engine.model
+        )
+        for w in warnings:
+            log.warning("%s", w)
         self.planner = RequestPlanner(
             TierTable.load(self.cfg.depth_control.tiers_file),
             ComplexityConfig.load(self.rcfg.complexity_file),

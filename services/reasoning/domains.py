@@ -160,6 +160,33 @@ class DomainRegistry(BaseModel):
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f))
 
+    def for_model(self, model: str | None) -> tuple[DomainRegistry, list[str]]:
+        """This registry as it applies to the served `model`, and a warning per measurement taken
+        with another model: such a calibrated threshold falls back to the tier's (thresholds do
+        not transfer across models) and such ToT evidence is dropped. None: unchanged."""
+        if model is None:
+            return self, []
+        domains, warnings = dict(self.domains), []
+        for name, d in self.domains.items():
+            update: dict[str, object] = {}
+            if d.calibration is not None and d.calibration.model != model:
+                update["threshold"] = None
+                warnings.append(
+                    f"domain {name!r} was calibrated with {d.calibration.model!r}, not the served {model!r}: "
+                    "its threshold falls back to the tier's until `ponder calibrate` runs with this model"
+                )
+            if d.tot is not None and d.tot.model != model:
+                update["tot"] = None
+                warnings.append(
+                    f"domain {name!r}: its Tree-of-Thought evidence came from {d.tot.model!r}, not the "
+                    f"served {model!r}: ignored (its tiers run chains)"
+                )
+            if update:
+                domains[name] = d.model_copy(update=update)
+        if not warnings:
+            return self, []
+        return self.model_copy(update={"domains": domains}), warnings
+
 
 def detect_domain(text: str, registry: DomainRegistry) -> tuple[str, str]:
     """The prompt's domain and why: the most distinct keyword hits (ties: file order), else default."""

@@ -197,3 +197,39 @@ def test_save_calibration_round_trip(tmp_path, registry):
     assert DomainRegistry.load(path).domains["logic"].threshold is None
     with pytest.raises(ValueError):
         save_calibration(path, "nope", result, "qwen")
+
+
+def test_a_calibration_or_tot_evidence_from_another_model_is_not_applied_and_says_so():
+    from services.reasoning.domains import Calibration, TotEvidence
+
+    reg = DomainRegistry.load(CONFIG)
+    cal = Calibration(
+        threshold=0.71,
+        n_problems=40,
+        accuracy_ceiling=0.8,
+        accuracy_exit=0.8,
+        token_saving_fraction=0.3,
+        model="qwen2.5-coder-0.5b-instruct",
+        at="2026-11-28",
+    )
+    tot = TotEvidence(
+        pays=True,
+        accuracy_tot=0.6,
+        accuracy_chain=0.5,
+        tokens_tot=1,
+        tokens_chain=1,
+        n_problems=9,
+        model="qwen2.5-coder-0.5b-instruct",
+        at="x",
+    )
+    math = reg.domains["math"].model_copy(update={"threshold": 0.71, "calibration": cal, "tot": tot})
+    reg = reg.model_copy(update={"domains": {**reg.domains, "math": math}})
+    same, warnings = reg.for_model("qwen2.5-coder-0.5b-instruct")
+    assert warnings == [] and same.threshold_for("math") == 0.71 and same.domains["math"].tot is not None
+    other, warnings = reg.for_model("smollm2-135m-instruct")
+    assert other.threshold_for("math") is None and other.domains["math"].tot is None  # the tier's threshold
+    assert (
+        len(warnings) == 2 and "calibrated with 'qwen2.5-coder-0.5b-instruct', not the served" in warnings[0]
+    )
+    assert other.threshold_for("general") == reg.threshold_for("general")  # uncalibrated domains untouched
+    assert reg.for_model(None) == (reg, [])
