@@ -84,18 +84,24 @@ class DepthClient:
     async def _call(self, call, timeout: float | None = None):
         return await asyncio.wait_for(call, timeout or self.timeout)
 
-    async def admit(self, rid: str, key: str, plan: RoundPlan, control: Control) -> dict | None:
-        """The actor's admission (granted ceilings, domain threshold, verdict mode), or None when
-        unreachable."""
+    async def admit(
+        self, rid: str, key: str, plan: RoundPlan, control: Control, key_limits: dict | None = None
+    ) -> dict | None:
+        """The actor's admission (granted ceilings, domain threshold, verdict mode; or `refused` when
+        the key is over its own limits cluster-wide), or None when unreachable."""
         domain = plan.domain or ""
         try:
             adm = await self._call(
-                self.actor.admit.remote(rid, key, plan.tier, plan.min_rounds, plan.max_rounds, domain)
+                self.actor.admit.remote(
+                    rid, key, plan.tier, plan.min_rounds, plan.max_rounds, domain, key_limits
+                )
             )
         except Exception as exc:  # unreachable or restarting: the plan's own ceilings hold
             log.warning("depth control unavailable at admission (%s)", type(exc).__name__)
             control.reachable = False
             return None
+        if "refused" in adm:
+            return adm
         control.verdicts = adm.get("verdicts", "router")
         seen = self.thresholds.get(domain)
         version = float(adm.get("threshold_version", 0.0))

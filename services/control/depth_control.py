@@ -93,13 +93,29 @@ class DepthControl:
     # --- admission and decisions ------------------------------------------------------------------
 
     def admit(
-        self, session_id: str, api_key: str, tier: str, min_rounds: int, max_rounds: int, domain: str
+        self,
+        session_id: str,
+        api_key: str,
+        tier: str,
+        min_rounds: int,
+        max_rounds: int,
+        domain: str,
+        key_limits: dict | None = None,
     ) -> dict:
-        """Admit a session: its granted ceilings (lowered under pressure, never refused) and its
-        domain's live exit threshold."""
+        """Admit a session: its granted ceilings (lowered under pressure) and its domain's live exit
+        threshold. `key_limits` ({requests_per_minute, tokens_per_minute}, the caller's API key's own):
+        held here for the whole cluster, so N routers do not allow N times a key's limit; over one,
+        the answer is `{"refused": {...}}` (HTTP 429) and nothing is admitted."""
         self.calls["admit"] += 1
         now = self.clock()
         self.budgets.expire(now)
+        if key_limits and session_id not in self.budgets.sessions:  # a retried admit is not counted twice
+            refusal = self.budgets.limit_key(
+                api_key, key_limits.get("requests_per_minute"), key_limits.get("tokens_per_minute"), now
+            )
+            if refusal is not None:
+                self._checkpoint(now)
+                return {"refused": dataclasses.asdict(refusal) | {"message": refusal.message()}}
         # A router may narrow its tier's ceiling, never widen it.
         t = self.table.tiers.get(tier)
         if t is None:

@@ -96,6 +96,26 @@ def check_chat(ring: KeyRing | None, key: KeyEntry | None, tier: str) -> JSONRes
     return None
 
 
+def limits_of(key: KeyEntry | None) -> dict | None:
+    """The key's own rate limits, for depth control to hold across every router (None: none)."""
+    if key is None or (key.requests_per_minute is None and key.tokens_per_minute is None):
+        return None
+    return {"requests_per_minute": key.requests_per_minute, "tokens_per_minute": key.tokens_per_minute}
+
+
+def cluster_refusal(refused: dict) -> JSONResponse:
+    """Depth control's refusal of a key over its limits (budgets.KeyRefusal), as this replica's own."""
+    return refusal(
+        AuthError(
+            429,
+            "rate_limit_exceeded",
+            str(refused["message"]),
+            type_=str(refused["kind"]),
+            retry_after=int(refused["retry_after_s"]),
+        )
+    )
+
+
 def record_tokens(ring: KeyRing | None, name: str, completion_tokens: int) -> None:
     key = ring.by_name.get(name) if ring is not None else None
     if key is not None:

@@ -176,7 +176,8 @@ class _Usage:
 
 
 class KeyRing:
-    """The configured keys and their recent use. One per router replica: limits hold per replica."""
+    """The configured keys and their recent use, one per router replica (chat completions are also
+    held cluster-wide by depth control at admission: services/reasoning/budgets.limit_key)."""
 
     def __init__(self, keys: Iterable[KeyEntry]) -> None:
         self.keys = tuple(keys)

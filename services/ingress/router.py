@@ -140,7 +140,11 @@ class Router:
         rid, key, control = responses.new_id(), access.key_id(request), Control()
         if self.kv is not None and (req.reasoning is None or req.reasoning.kv_store is not False):
             sampling = dataclasses.replace(sampling, kv_tags=(rid, 0, ""))  # the session is the request
-        plan = await self._admit(rid, key, asked, planned.plan, control)
+        plan = await self._admit(
+            rid, key, asked, planned.plan, control, access.limits_of(access.caller(request))
+        )
+        if isinstance(plan, JSONResponse):
+            return plan  # 429: the key is over its own limits, counted across every router
         # run the loop
         grant, release = self.control.nodes(rid, control)
         run = orch.run(
@@ -172,10 +176,12 @@ class Router:
             )
         return JSONResponse(await responses.complete(events, meta))
 
-    async def _admit(self, rid, key, asked, plan, control: Control):
+    async def _admit(self, rid, key, asked, plan, control: Control, limits: dict | None):
         """Admission by depth control: the plan it grants (the domain's live threshold, ceilings
-        lowered under pressure, who decides the rounds)."""
-        adm = await self.control.admit(rid, key, plan, control)
+        lowered under pressure, who decides the rounds), or a 429 when the key is over its limits."""
+        adm = await self.control.admit(rid, key, plan, control, limits)
+        if adm is not None and "refused" in adm:
+            return access.cluster_refusal(adm["refused"])
         if adm is None:  # unreachable: the plan's ceilings, with the domain's last granted threshold
             last = self.control.last_threshold(plan.domain)
             return self.planner.admitted(plan, asked, Admission(plan.max_rounds, plan.min_rounds, last))

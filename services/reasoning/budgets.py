@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.reasoning.window import Window
 
 SNAPSHOT_VERSION = 1
-_COUNTERS = ("degraded_admissions", "untracked_admissions", "partial_grants", "denied_grants")
+_COUNTERS = ("degraded_admissions", "untracked_admissions", "partial_grants", "denied_grants", "key_refusals")
 
 
 class BudgetConfig(BaseModel):
@@ -78,6 +78,23 @@ class _Session:
     seen: float = 0.0
 
 
+@dataclass(frozen=True)
+class KeyRefusal:
+    """A key over its own limit, cluster-wide: what to tell the client (HTTP 429)."""
+
+    kind: str  # "requests" or "tokens" (per minute)
+    used: int
+    limit: int
+    retry_after_s: int
+
+    def message(self) -> str:
+        what = "requests" if self.kind == "requests" else "completion tokens"
+        return (
+            f"Rate limit reached for {what} per minute (all routers): limit {self.limit}, used "
+            f"{self.used}. Try again in {self.retry_after_s} s."
+        )
+
+
 class Budgets:
     """Sessions are kept in lease order (least recently renewed first), so `expire` stops at the
     first live one; the deep-slot and node totals are kept as counters."""
@@ -85,7 +102,9 @@ class Budgets:
     def __init__(self, cfg: BudgetConfig) -> None:
         self.cfg = cfg
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
-        self.windows: dict[str, Window] = {}
+        self.windows: dict[str, Window] = {}  # completion tokens per key, last minute
+        self.requests: dict[str, Window] = {}  # admitted requests per key with a limit, last minute
+        self.key_refusals = 0
         self._deep = 0
         self._nodes = 0
         self.degraded_admissions = 0
@@ -145,6 +164,30 @@ class Budgets:
         self.sessions[session_id] = _Session(api_key, tier, admission, deep, seen=now)
         self._deep += deep
         return admission
+
+    def limit_key(
+        self, api_key: str, requests_per_minute: int | None, tokens_per_minute: int | None, now: float
+    ) -> KeyRefusal | None:
+        """A key's own limits, held for the whole cluster at admission: a refusal (nothing counted)
+        when its completion tokens or its requests in the last minute reach them; else the request
+        is counted. Tokens are those its finished sessions reported (`add_tokens`)."""
+        if (
+            tokens_per_minute is not None
+            and (used := self.tokens_last_minute(api_key, now)) >= tokens_per_minute
+        ):
+            self.key_refusals += 1
+            return KeyRefusal(
+                "tokens", used, tokens_per_minute, self.windows[api_key].retry_after(now, tokens_per_minute)
+            )
+        if requests_per_minute is not None:
+            w = self.requests.setdefault(api_key, Window())
+            if (used := w.total(now)) >= requests_per_minute:
+                self.key_refusals += 1
+                return KeyRefusal(
+                    "requests", used, requests_per_minute, w.retry_after(now, requests_per_minute)
+                )
+            w.add(1, now)
+        return None
 
     def _pressure(self, api_key: str, max_rounds: int, now: float) -> list[str]:
         """Why a new session must be shallow; empty when it may have what it asked for."""
@@ -218,8 +261,9 @@ class Budgets:
             gone.append(sid)
         for sid in gone:
             self._drop(sid)
-        for key in [k for k, w in self.windows.items() if w.total(now) == 0]:
-            del self.windows[key]
+        for windows in (self.windows, self.requests):
+            for key in [k for k, w in windows.items() if w.total(now) == 0]:
+                del windows[key]
         return gone
 
     def snapshot(self) -> dict:
@@ -242,6 +286,7 @@ class Budgets:
                 for sid, s in self.sessions.items()
             ],
             "windows": {k: [list(b) for b in w.buckets] for k, w in self.windows.items()},
+            "requests": {k: [list(b) for b in w.buckets] for k, w in self.requests.items()},
             "counters": {name: getattr(self, name) for name in _COUNTERS},
             "waiting": list(self.waiting),
         }
@@ -261,6 +306,8 @@ class Budgets:
             b._nodes += s["nodes"]
         for key, buckets in snap["windows"].items():
             b.windows[key] = Window(deque((int(t), int(n)) for t, n in buckets))
+        for key, buckets in snap.get("requests", {}).items():
+            b.requests[key] = Window(deque((int(t), int(n)) for t, n in buckets))
         for name in _COUNTERS:
             setattr(b, name, int(snap["counters"].get(name, 0)))
         b.waiting = [sid for sid in snap.get("waiting", []) if sid in b.sessions]
@@ -277,6 +324,7 @@ class Budgets:
             "max_tot_nodes_in_flight": self.cfg.max_tot_nodes_in_flight,
             "tokens_per_minute_per_key": self.cfg.tokens_per_minute_per_key,
             "keys_metered": sum(1 for w in self.windows.values() if w.total(now) > 0),
+            "key_refusals": self.key_refusals,
             "degraded_admissions": self.degraded_admissions,
             "untracked_admissions": self.untracked_admissions,
             "partial_node_grants": self.partial_grants,

@@ -178,3 +178,24 @@ def test_freed_nodes_go_to_the_session_waiting_longest():
     assert b.stats(3)["sessions_waiting_for_nodes"] == 0
     r = Budgets.restore(b.cfg, b.snapshot(), now=3)
     assert r.snapshot() == b.snapshot()
+
+
+def test_a_keys_own_limits_hold_for_the_whole_cluster_and_a_refusal_counts_nothing():
+    b = Budgets(BudgetConfig())
+    for i in range(3):
+        assert b.limit_key("alice", 3, None, now=100.0 + i) is None
+    r = b.limit_key("alice", 3, None, now=103.0)
+    assert (r.kind, r.used, r.limit) == (
+        "requests",
+        3,
+        3,
+    ) and r.retry_after_s == 57  # the first leaves at 160
+    assert "limit 3, used 3" in r.message() and b.limit_key("alice", 3, None, now=104.0).used == 3
+    assert b.limit_key("bob", 3, None, now=104.0) is None  # per key
+    assert b.limit_key("alice", 3, None, now=160.5) is None  # the first request left the window
+    b.add_tokens("carol", 500, now=200.0)
+    t = b.limit_key("carol", None, 500, now=201.0)
+    assert (t.kind, t.used, t.retry_after_s) == ("tokens", 500, 59)
+    assert b.limit_key("carol", None, 501, now=201.0) is None and b.stats(201.0)["key_refusals"] == 3
+    back = Budgets.restore(BudgetConfig(), json.loads(json.dumps(b.snapshot())), now=161.0)
+    assert back.limit_key("alice", 2, None, now=161.0).used == 2 and back.key_refusals == 4

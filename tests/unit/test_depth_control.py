@@ -222,3 +222,21 @@ def test_the_learned_ceiling_comes_down_survives_a_restart_and_explorers_keep_th
     report = b.depth_report()["math"]["medium"]
     assert report["effective_max_rounds"] == 3 and report["rounds"]["round_4"]["requests"] == 20
     assert b.stats()["depth_value"] == b.depth_report()
+
+
+def test_a_keys_limits_are_held_at_admission_for_every_router_and_retries_count_once(cfg):
+    cfg["budgets"]["max_deep_sessions"] = 100
+    clock = Clock()
+    a = DepthControl(cfg, "cluster-1", clock)
+    limits = {"requests_per_minute": 2, "tokens_per_minute": None}
+    assert "refused" not in a.admit("s1", "alice", "low", 1, 2, "general", limits)
+    assert "refused" not in a.admit("s1", "alice", "low", 1, 2, "general", limits)  # a retried admit
+    assert "refused" not in a.admit("s2", "alice", "low", 1, 2, "general", limits)
+    refused = a.admit("s3", "alice", "low", 1, 2, "general", limits)["refused"]
+    assert refused["kind"] == "requests" and refused["limit"] == 2 and 1 <= refused["retry_after_s"] <= 60
+    assert "all routers" in refused["message"] and "s3" not in a.budgets.sessions  # nothing admitted
+    assert "refused" not in a.admit("s4", "bob", "low", 1, 2, "general", limits)
+    a.finish("s1", "alice", 700)  # tokens count once the session reports them
+    tokens = {"requests_per_minute": None, "tokens_per_minute": 700}
+    assert a.admit("s5", "alice", "low", 1, 2, "general", tokens)["refused"]["kind"] == "tokens"
+    assert "refused" not in a.admit("s6", "alice", "low", 1, 2, "general")  # no limits: nothing held
