@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+bash scripts/system-deps.sh
 .venv/bin/ponder models pull smollm2-135m-instruct
 .venv/bin/ponder models pull tiny-random-llama
 .venv/bin/ruff check .

@@ -122,7 +122,7 @@ def test_every_rendered_object_validates(chart, rayservice_validator, name):
                         KUBE_VERSION,
                         strict=True,
                     )
-            elif kind == "PodMonitor":  # Prometheus operator CRD: not bundled; its shape is checked below
+            elif kind in ("PodMonitor", "PrometheusRule"):  # operator CRDs: not bundled; shapes checked below
                 assert doc["apiVersion"] == "monitoring.coreos.com/v1"
             else:
                 kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
@@ -383,10 +383,15 @@ def test_optional_objects_follow_their_switches(chart):
     assert (
         "PodMonitor" not in defaults and "Ingress" not in defaults and "PersistentVolumeClaim" not in defaults
     )
+    assert "PrometheusRule" not in defaults
     objects = _render(chart, VALUE_SETS["multi-gpu-nodes"])
     (pm,) = objects["PodMonitor"]
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (rule,) = objects["PrometheusRule"]  # the promtool-tested rule file, as it is (tests/unit/test_alerts.py)
+    assert rule["spec"] == yaml.safe_load((CHART / "alerts" / "ponder-rules.yaml").read_text())
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert "{{ $labels.tier }}" in rule["spec"]["groups"][0]["rules"][0]["annotations"]["summary"]
     (ing,) = objects["Ingress"]
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == objects["RayService"][0]["spec"]["serveService"]["metadata"]["name"]
