@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from services.config import DepthControlConfig
 from services.control.state import StateStore
@@ -39,15 +40,47 @@ def live_threshold(store: StateStore, registry: DomainRegistry, domain: str) -> 
     return None if d is None else d.threshold
 
 
+def ray_gauges() -> dict[str, Any]:
+    """The review queue's gauges, through Ray's metrics (exported as ray_ponder_*); none outside Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    from ray.util import metrics
+
+    return {
+        "pending": metrics.Gauge("ponder_reviews_pending", "Answers held for human review."),
+        "oldest": metrics.Gauge(
+            "ponder_review_oldest_pending_created_seconds",
+            "Unix time the oldest pending review was created (now when none is pending).",
+        ),
+    }
+
+
 class ControlRecords:
     def __init__(
-        self, cfg: dict, clock: Callable[[], float] = time.time, served_model: str | None = None
+        self,
+        cfg: dict,
+        clock: Callable[[], float] = time.time,
+        served_model: str | None = None,
+        gauges: Callable[[], dict[str, Any]] = ray_gauges,
     ) -> None:
         self.cfg = DepthControlConfig.model_validate(cfg)
         self.clock = clock
         self.registry, _ = DomainRegistry.load(self.cfg.domains_file).for_model(served_model)
         self.store = StateStore(state_path(self.cfg))
         self._last_prune = 0.0
+        self.gauges = gauges()
+        self._export_reviews()
+
+    def _export_reviews(self) -> None:
+        """The queue as the gauges show it, set whenever it changes (a timestamp never goes stale:
+        the alert computes the age, docs/observability.md)."""
+        if not self.gauges:
+            return
+        count, oldest = self.store.pending_reviews()
+        self.gauges["pending"].set(count)
+        self.gauges["oldest"].set(self.clock() if oldest is None else oldest)
 
     def record(self, request_id: str, record: dict) -> None:
         """Remember a finished request, so feedback can name it (kept request_retention_s)."""
@@ -104,7 +137,7 @@ class ControlRecords:
     def create_review(
         self, review_id: str, request_id: str, tier: str, domain: str, proposed: dict, completion: dict
     ) -> dict:
-        return self.store.create_review(
+        review = self.store.create_review(
             review_id,
             request_id=request_id,
             tier=tier,
@@ -113,6 +146,8 @@ class ControlRecords:
             completion=completion,
             now=self.clock(),
         )
+        self._export_reviews()
+        return review
 
     def get_review(self, review_id: str) -> dict | None:
         return self.store.get_review(review_id)
@@ -121,9 +156,11 @@ class ControlRecords:
         return self.store.list_reviews(status, limit)
 
     def decide_review(self, review_id: str, approve: bool, reviewer: str | None, note: str | None) -> dict:
-        return self.store.decide_review(
+        review = self.store.decide_review(
             review_id, approve=approve, reviewer=reviewer, note=note, now=self.clock()
         )
+        self._export_reviews()
+        return review
 
     def ping(self) -> str:
         return "ok"

@@ -255,6 +255,13 @@ class StateStore:
             raise StateError(f"review {review_id!r} already exists for another request")
         return _review(row)
 
+    def pending_reviews(self) -> tuple[int, float | None]:
+        """(reviews waiting for a human, when the oldest of them was created; None when none)."""
+        ((count, oldest),) = self._q(
+            "SELECT COUNT(*), MIN(created_at) FROM reviews WHERE status='pending'", ()
+        )
+        return int(count), None if oldest is None else float(oldest)
+
     def get_review(self, review_id: str) -> dict | None:
         rows = self._q("SELECT * FROM reviews WHERE id=?", (review_id,))
         return _review(rows[0]) if rows else None

@@ -138,6 +138,34 @@ def test_reviews_survive_a_restart_and_decide_once(cfg):
         b.decide_review("review-1", False, None, None)
 
 
+class Gauge:
+    def __init__(self) -> None:
+        self.value = None
+
+    def set(self, v) -> None:
+        self.value = v
+
+
+def test_the_review_queue_is_exported_as_it_changes_and_survives_a_restart(cfg):
+    clock = Clock()
+    g = {"pending": Gauge(), "oldest": Gauge()}
+    a = ControlRecords(cfg, clock, gauges=lambda: g)
+    assert (g["pending"].value, g["oldest"].value) == (0, clock())  # none pending: the age is 0
+    a.create_review("review-1", "chatcmpl-1", "critical", "medical", {}, {"id": "chatcmpl-1"})
+    created = clock()
+    clock.t += 100
+    a.create_review("review-2", "chatcmpl-2", "critical", "legal", {}, {"id": "chatcmpl-2"})
+    assert (g["pending"].value, g["oldest"].value) == (2, created)  # the oldest one's creation time
+    clock.t += 50
+    h = {"pending": Gauge(), "oldest": Gauge()}
+    b = ControlRecords(cfg, clock, gauges=lambda: h)  # a restarted actor exports the queue at once
+    assert (h["pending"].value, h["oldest"].value) == (2, created)
+    b.decide_review("review-1", True, "dr", None)
+    assert (h["pending"].value, h["oldest"].value) == (1, created + 100)
+    b.decide_review("review-2", False, "dr", None)
+    assert (h["pending"].value, h["oldest"].value) == (0, clock())
+
+
 def test_api_key_ids_are_hashed_and_control_reports_local_ceilings():
     assert api_key_id(None) == api_key_id("Basic x") == "anonymous"
     k = api_key_id("Bearer sk-secret")
