@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import write_json
+from bench.samples import Sample, metrics, of_result
 from cluster.problems import Problem, load_problems
 from cluster.runner import (
     Job,
@@ -153,35 +152,11 @@ def build_jobs(
 # ---------------------------------------------------------------- derived policies and metrics
 
 
-@dataclass(frozen=True)
-class Sample:
-    correct: bool
-    tokens: int
-    latency_ms: float
-    rounds: int
-
-
-def of_result(r: JobResult) -> Sample:
-    return Sample(r.correct, r.completion_tokens, r.latency_ms, len(r.rounds))
-
-
 def prefix(fixed: JobResult, k: int) -> Sample:
     """The fixed-k run as the first k rounds of the fixed-6 run (fewer if it stopped on context)."""
     rounds = fixed.rounds[: min(k, len(fixed.rounds))]
     last = rounds[-1]
     return Sample(last.correct, sum(r.completion_tokens for r in rounds), last.done_ms, len(rounds))
-
-
-def metrics(samples: list[Sample]) -> dict[str, float]:
-    lat = [s.latency_ms for s in samples]
-    return {
-        "n": len(samples),
-        "accuracy": sum(s.correct for s in samples) / len(samples),
-        "mean_tokens": statistics.fmean(s.tokens for s in samples),
-        "mean_latency_ms": statistics.fmean(lat),
-        "p50_latency_ms": statistics.median(lat),
-        "mean_rounds": statistics.fmean(s.rounds for s in samples),
-    }
 
 
 def diminishing_returns_round(acc: dict[int, float]) -> int:

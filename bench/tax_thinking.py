@@ -27,6 +27,7 @@ import dataclasses
 import statistics
 from typing import Any
 
+from bench.samples import metrics, of_result
 from cluster.problems import Problem, load_problems
 from cluster.runner import Job, JobResult, engine_settings_note, greedy, run_jobs, settings_from_args
 from services.reasoning.complexity import ComplexityConfig
@@ -91,14 +92,7 @@ def build_jobs(
 
 def thinking_metrics(results: list[JobResult]) -> dict[str, Any]:
     t = [r.thinking or {} for r in results]
-    m: dict[str, Any] = {
-        "n": len(results),
-        "accuracy": sum(r.correct for r in results) / len(results),
-        "mean_tokens": statistics.fmean(r.completion_tokens for r in results),
-        "mean_latency_ms": statistics.fmean(r.latency_ms for r in results),
-        "p50_latency_ms": statistics.median(r.latency_ms for r in results),
-        "mean_rounds": statistics.fmean(len(r.rounds) for r in results),
-    }
+    m: dict[str, Any] = metrics([of_result(r) for r in results])
     m["mean_thinking_tokens"] = statistics.fmean(x.get("thinking_tokens", 0) for x in t)
     m["mean_segments"] = statistics.fmean(x.get("segments", 0) for x in t)
     m["mean_probes"] = statistics.fmean(len(x.get("probes", [])) for x in t)

@@ -64,6 +64,7 @@ class DepthControl:
         self.decisions: Counter[str] = Counter(meta.get("decisions", {}))
         # Kept across cluster restarts too: what rounds were worth does not depend on the cluster.
         self.depth_value = DepthValue.restore(self.cfg.depth_value, self.store.load_checkpoint("depth_value"))
+        self._depth_value_changed = False  # written with the next checkpoint only when it changed
         self.starts = int(meta.get("starts", 0)) + 1
         self._last_checkpoint = 0.0
         self._checkpoint(now, force=True)
@@ -87,7 +88,9 @@ class DepthControl:
             "peak_nodes_in_flight": self.peak_nodes_in_flight,
         }
         self.store.save_checkpoint("meta", meta, now)
-        self.store.save_checkpoint("depth_value", self.depth_value.snapshot(), now)
+        if self._depth_value_changed:
+            self.store.save_checkpoint("depth_value", self.depth_value.snapshot(), now)
+            self._depth_value_changed = False
         self._last_checkpoint = now
 
     # --- admission and decisions ------------------------------------------------------------------
@@ -208,6 +211,7 @@ class DepthControl:
         if ctx.get("chain") and rounds and all(isinstance(r, dict) for r in rounds):
             changed = [bool(r.get("answer_changed")) for r in rounds[1:]]
             self.depth_value.observe(str(ctx.get("domain", "")), str(ctx.get("tier", "")), changed)
+            self._depth_value_changed = True
         self._checkpoint(now, force=True)
 
     # --- introspection ----------------------------------------------------------------------------

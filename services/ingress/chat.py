@@ -107,7 +107,7 @@ async def accounted(
     try:
         async for ev in events:
             if isinstance(ev, RoundDone):
-                acc.metrics.round(plan.tier, ev.record, ev.verdict, ev.verdict.exit)
+                acc.metrics.round(plan.tier, ev.record, ev.verdict, ev.answers)
                 log_round(rid, plan, ev.record, ev.verdict)
             if isinstance(ev, Finished):
                 outcome, status = ev.outcome, "ok"

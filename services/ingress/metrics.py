@@ -219,13 +219,11 @@ class Recorder:
                 result="none" if probe["answer"] is None else "answered",
             )
         answer, probes = outcome.rounds[-1], t["probe_tokens"]
-        # The segment that ended the loop was counted as a last round (no reasoning): it was reasoning.
-        last_segment = outcome.rounds[-2].completion_tokens if len(outcome.rounds) > 1 else 0
         probe_prompt = outcome.total_prompt_tokens - outcome.prompt_tokens
         for kind, n in (
             ("prompt", answer.prompt_tokens + probe_prompt),
             ("completion", answer.completion_tokens + probes),
-            ("reasoning", probes + last_segment),
+            ("reasoning", probes),
             ("probe", probes),
             ("kv_cached", max(answer.cached_tokens - answer.kv_loaded_tokens, 0)),
             ("kv_loaded", answer.kv_loaded_tokens),

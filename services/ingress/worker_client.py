@@ -21,10 +21,6 @@ log = logging.getLogger("ponder.router")
 WORKER_GONE = (RayActorError, ActorUnavailableError)
 
 
-def session_of(spec: SamplingSpec) -> str | None:
-    return spec.kv_tags[0] if spec.kv_tags else spec.affinity
-
-
 class WorkerClient:
     def __init__(self, handle: Any, retries: int, on_retry: Callable[[str], None] = lambda op: None) -> None:
         self.handle, self.retries, self.on_retry = handle, retries, on_retry
@@ -46,7 +42,7 @@ class WorkerClient:
             rid = request_id if attempt == 0 else f"{request_id}~{attempt}"  # vLLM ids are unique
             carried = len(done)
             stream = self.handle.options(stream=True).generate_stream.remote(
-                rid, full, sub.__dict__, session=session_of(sub)
+                rid, full, sub.__dict__, session=sub.session
             )
             try:
                 async for d in stream:
@@ -74,7 +70,7 @@ class WorkerClient:
             rid = request_id if attempt == 0 else f"{request_id}~{attempt}"
             try:
                 results = await self.handle.generate_n.remote(
-                    rid, prompt, spec.__dict__, n, session=session_of(spec)
+                    rid, prompt, spec.__dict__, n, session=spec.session
                 )
                 return [result_from_dict(r) for r in results]
             except WORKER_GONE as exc:

@@ -63,6 +63,12 @@ class ContentDelta:
 class RoundDone:
     record: RoundRecord
     verdict: Verdict
+    segment: bool = False  # a thinking segment: reasoning even when it ends the loop (the answer follows)
+
+    @property
+    def answers(self) -> bool:
+        """Whether this round's text is the request's answer (a chain's last round)."""
+        return self.verdict.exit and not self.segment
 
 
 @dataclass

@@ -106,7 +106,7 @@ async def run_thinking(
     assert markers is not None
     prompt = trace_prompt(orch, first_prompt)
     total = sampling.completion_budget  # trace + probes + answer, when the request set it
-    reserve = 0 if total is None else min(orch.answer_reserve, total // 2)
+    reserve = answer_reserve(orch, sampling)
     most = max_thinking_tokens(plan) if total is None else min(max_thinking_tokens(plan), total - reserve)
     least = min(min_thinking_tokens(plan), most)
     # Probes are not thinking (the thinking budget is exact without them), but they are completion
@@ -142,27 +142,20 @@ async def run_thinking(
                     orch, f"{request_id}-p{index}", prompt + trace.ids, sampling, record, loop, trace
                 )
             verdict = loop.settle(record, await decide(plan, index + 1, record.signals))
-        yield RoundDone(record, verdict)
+        yield RoundDone(record, verdict, segment=True)
     if not closed_by_model:
         trace.add(orch, TRANSITION, [])
         yield ReasoningDelta(TRANSITION)
-    closing = ("" if closed_by_model else TRANSITION) + markers.end + "\n"
-    answer_prompt = prompt + trace.ids + orch.encode(closing)
-    cap = (
-        sampling.max_tokens
-        if total is None
-        else min(sampling.max_tokens, total - trace.thought - trace.probe_tokens)
-    )
     record: RoundRecord | None = None
+    spent = trace.thought + trace.probe_tokens
     async for ev in answer_after(
-        orch, request_id, len(loop.rounds), answer_prompt, dataclasses.replace(sampling, max_tokens=cap)
+        orch, request_id, len(loop.rounds), prompt + trace.ids, closed_by_model, sampling, spent
     ):
         if isinstance(ev, RoundRecord):
             record = ev
         else:
             yield ev
     assert record is not None and loop.exit_reason is not None
-    record.decision, record.decided_by = "answer", "router"
     rounds = [*loop.rounds, record]
     summary = {
         "thinking_tokens": trace.thought,
@@ -186,6 +179,12 @@ async def run_thinking(
             all_completion_tokens=sum(r.completion_tokens for r in rounds) + trace.probe_tokens,
         )
     )
+
+
+def answer_reserve(orch: Orchestrator, sampling: SamplingSpec) -> int:
+    """Tokens kept for the answer under max_completion_tokens (at most half of it); 0 without it."""
+    total = sampling.completion_budget
+    return 0 if total is None else min(orch.answer_reserve, total // 2)
 
 
 def trace_prompt(orch: Orchestrator, first_prompt: list[int]) -> list[int]:
@@ -227,7 +226,7 @@ async def probe(
         stop=("\n\n",),
         top_logprobs=1,
         kv_tags=None,  # never extended: not worth a place in the KV store
-        affinity=sampling.kv_tags[0] if sampling.kv_tags else sampling.affinity,  # where the trace is cached
+        affinity=sampling.session,  # the worker whose prefix cache holds the trace
     )
     acc = Accumulator()
     async for delta in orch.generate(rid, prompt, spec):
@@ -256,15 +255,29 @@ async def _probe(
 
 
 async def answer_after(
-    orch: Orchestrator, request_id: str, index: int, prompt: list[int], sampling: SamplingSpec
+    orch: Orchestrator,
+    request_id: str,
+    index: int,
+    traced: list[int],
+    closed_by_model: bool,
+    sampling: SamplingSpec,
+    spent: int,
 ) -> AsyncIterator[ContentDelta | RoundRecord]:
-    """The answer after the closed trace, streamed as content; its record last."""
+    """The answer after the trace that ends `traced`, closed here (the transition first unless its
+    model closed it), within the request's token cap and what max_completion_tokens leaves after the
+    `spent` thinking and probe tokens; streamed as content, its record (decision `answer`) last."""
+    assert orch.trace is not None
+    prompt = traced + orch.encode(("" if closed_by_model else TRANSITION) + orch.trace.end + "\n")
+    total = sampling.completion_budget
+    cap = sampling.max_tokens if total is None else max(1, min(sampling.max_tokens, total - spent))
     spec = dataclasses.replace(
-        sampling, max_tokens=orch.room(sampling.max_tokens, prompt), kv_tags=round_tags(sampling, index)
+        sampling, max_tokens=orch.room(cap, prompt), kv_tags=round_tags(sampling, index)
     )
     acc, start = Accumulator(), orch.now()
     async for delta in orch.generate(f"{request_id}-a", prompt, spec):
         acc.add(delta, (orch.now() - start) * 1000.0)
         if delta.text:
             yield ContentDelta(delta.text)
-    yield orch.record(index, acc, prompt, (orch.now() - start) * 1000.0, [])
+    record = orch.record(index, acc, prompt, (orch.now() - start) * 1000.0, [])
+    record.decision, record.decided_by = "answer", "router"
+    yield record

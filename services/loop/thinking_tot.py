@@ -22,7 +22,7 @@ from services.loop.events import (
     ReasoningDelta,
     ReleaseFn,
 )
-from services.loop.thinking_run import answer_after, probe, run_thinking, trace_prompt
+from services.loop.thinking_run import answer_after, answer_reserve, probe, run_thinking, trace_prompt
 from services.loop.tot_run import EXIT, GREEDY_TOT_TEMPERATURE, node_header, tot_config
 from services.reasoning.loop import RoundRecord
 from services.reasoning.thinking import TRANSITION, max_thinking_tokens
@@ -68,7 +68,7 @@ async def run_thinking_tot(
     base = trace_prompt(orch, first_prompt)
     tree, most = _Tree(TotSearch(tot_config(plan))), max_thinking_tokens(plan)
     total = sampling.completion_budget
-    reserve = 0 if total is None else min(orch.answer_reserve, total // 2)
+    reserve = answer_reserve(orch, sampling)
     context_stop = False
     while (node := tree.search.next_expansion()) is not None:
         prompt = base + tree.trace_ids(node.id)
@@ -112,19 +112,14 @@ async def _close_and_answer(
     reserve: int,
 ) -> AsyncIterator[Event]:
     """The best node's trace, closed (by its model, or with the transition), then the answer."""
-    assert orch.trace is not None
     best = tree.search.best()
     if not best.final:
         tree.log.append(TRANSITION)
         yield ReasoningDelta(TRANSITION)
-    closing = ("" if best.final else TRANSITION) + orch.trace.end + "\n"
-    answer_prompt = base + tree.trace_ids(best.id) + orch.encode(closing)
-    total = sampling.completion_budget
-    cap = sampling.max_tokens if total is None else min(sampling.max_tokens, total - tree.spent)
     answer: RoundRecord | None = None
     path = [tree.records[i] for i in tree.search.path(best.id)]
-    spec = dataclasses.replace(sampling, max_tokens=max(cap, 1))
-    async for ev in answer_after(orch, request_id, len(path), answer_prompt, spec):
+    traced = base + tree.trace_ids(best.id)
+    async for ev in answer_after(orch, request_id, len(path), traced, best.final, sampling, tree.spent):
         if isinstance(ev, RoundRecord):
             answer = ev
         else:
@@ -233,7 +228,6 @@ def _outcome(
         r.index, r.decided_by, r.decision = index, "tot", "continue"
     if path:
         path[-1].decision = reason.value
-    answer.decision, answer.decided_by = "answer", "router"
     rounds = [*path, answer]
     probe_tokens = sum(p["tokens"] for p in tree.probes)
     thinking = {

@@ -36,6 +36,11 @@ class SamplingSpec:
     # answer together; OpenAI's meaning). None: max_tokens caps each round and the answer alone.
     completion_budget: int | None = None
 
+    @property
+    def session(self) -> str | None:
+        """The session this call belongs to, for affinity: its KV tags' session, else `affinity`."""
+        return self.kv_tags[0] if self.kv_tags else self.affinity
+
 
 def round_tags(sampling: SamplingSpec, round_: int, branch: str = "") -> tuple[str, int, str] | None:
     """The KV store's tags for one round of a session (the request's tags name the session)."""

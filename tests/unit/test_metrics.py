@@ -145,7 +145,7 @@ def test_a_thinking_request_counts_its_trace_probes_and_answer_once():
     answer = rec(2, 7, cached=180)
     verdicts = [Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD), Verdict(Action.EXIT, Reason.CONFIDENCE)]
     for rd, v in zip(segs, verdicts, strict=True):
-        r.round("medium", rd, v, v.exit)
+        r.round("medium", rd, v, False)  # segments are reasoning, the answer follows (RoundDone.answers)
     probes = [{"segment": 0, "answer": "4", "tokens": 3}, {"segment": 1, "answer": None, "tokens": 5}]
     thinking = {
         "thinking_tokens": 64,

@@ -63,9 +63,9 @@ async def _continue(plan, rounds_done, signals):
     return None  # as if depth control were unreachable: the plan's own policy (local) decides
 
 
-def run(engine, plan, opened=False):
+def run(engine, plan, opened=False, spec=None, generate=None, **orch_kw):
     o = Orchestrator(
-        engine.generate,
+        generate or engine.generate,
         _continue,
         CharTokenizer(),
         vocab_size=100,
@@ -73,10 +73,12 @@ def run(engine, plan, opened=False):
         min_round_tokens=4,
         trace=TraceMarkers(),
         trace_opened=opened,
+        **orch_kw,
     )
 
     async def go():
-        return [e async for e in o.run("r", [Message("user", "2+2?")], plan, SamplingSpec(max_tokens=32))]
+        sampling = spec or SamplingSpec(max_tokens=32)
+        return [e async for e in o.run("r", [Message("user", "2+2?")], plan, sampling)]
 
     return asyncio.run(go())
 
@@ -243,23 +245,8 @@ def test_probes_start_where_their_answers_can_first_count_and_stop_before_the_ce
 @pytest.mark.parametrize(("total", "reserve"), [(40, 10), (30, 10), (12, 6)])
 def test_max_completion_tokens_is_trace_and_answer_with_room_kept_for_the_answer(total, reserve):
     engine = Thinker([UNSURE])
-    o_plan = plan(min_rounds=1, max_rounds=10)
-    o = Orchestrator(
-        engine.generate,
-        _continue,
-        CharTokenizer(),
-        vocab_size=100,
-        max_model_len=100_000,
-        min_round_tokens=4,
-        trace=TraceMarkers(),
-        answer_reserve=10,
-    )
-
-    async def go():
-        spec = SamplingSpec(max_tokens=total, completion_budget=total)
-        return [e async for e in o.run("r", [Message("user", "2+2?")], o_plan, spec)]
-
-    out = asyncio.run(go())[-1].outcome
+    spec = SamplingSpec(max_tokens=total, completion_budget=total)
+    out = run(engine, plan(min_rounds=1, max_rounds=10), spec=spec, answer_reserve=10)[-1].outcome
     assert out.thinking["thinking_tokens"] == total - reserve == sum(segments(engine))
     assert engine.calls[-1][2] == reserve  # the answer may use exactly what is left
     assert out.thinking["budget"]["answer_reserve"] == reserve and out.exit_reason.value == "ceiling"
@@ -277,21 +264,7 @@ def test_segments_are_stored_as_rounds_of_the_session_and_probes_are_never_store
         async for d in generate(rid, prompt, spec):
             yield d
 
-    o = Orchestrator(
-        spy,
-        _continue,
-        CharTokenizer(),
-        vocab_size=100,
-        max_model_len=100_000,
-        min_round_tokens=4,
-        trace=TraceMarkers(),
-    )
-
-    async def go():
-        spec = SamplingSpec(max_tokens=32, kv_tags=("sess", 0, ""))
-        return [e async for e in o.run("r", [Message("user", "2+2?")], stable_plan(), spec)]
-
-    asyncio.run(go())
+    run(engine, stable_plan(), spec=SamplingSpec(max_tokens=32, kv_tags=("sess", 0, "")), generate=spy)
     segs = [(t, a) for rid, t, a in tags if "-s" in rid]
     assert [t for t, _ in segs] == [("sess", i, "") for i in range(4)]
     assert all(t is None and a == "sess" for rid, t, a in tags if "-p" in rid) and len(tags) == 4 + 4 + 1
