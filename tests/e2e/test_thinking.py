@@ -189,15 +189,20 @@ def test_tree_of_thought_over_segments_branches_from_one_cached_trace(http, cfg)
     tot, th = s["tot"], s["thinking"]
     assert tot["nodes"] == t.tot["max_total_nodes"] and tot["expansions"] == 5 and tot["depth"] == 5, tot
     path = s["rounds"][:-1]
-    assert th["segments"] == len(tot["best_path"]) == len(path) == 5
+    # the best-scored node at min_depth or deeper answers (probe agreement may prefer a shallower one)
+    assert th["segments"] == len(tot["best_path"]) == len(path)
+    assert min(t.min_rounds, tot["depth"]) <= len(path) <= tot["depth"], tot
+    assert [x["index"] for x in path] == list(range(len(path)))
     assert (
         th["thinking_tokens"] == sum(x["completion_tokens"] for x in path) <= t.max_rounds * t.segment_tokens
     )
     assert th["all_thinking_tokens"] > th["thinking_tokens"]  # the siblings not taken
-    assert len(th["probes"]) == tot["nodes"]  # every segment probed (none closed its trace here)
+    # every segment probed once, unless its model closed the trace (then it answers as it is)
+    probed = [p["node"] for p in th["probes"]]
+    assert len(set(probed)) == len(probed) and len(probed) >= tot["nodes"] - 2, probed
     assert "Final answer:" not in msg["reasoning_content"] and "[tot node 10:" in msg["reasoning_content"]
     answer = s["rounds"][-1]
     # the answer's prompt is the best path's trace: all but its last segment were computed before
-    assert answer["kv_cached_tokens"] + answer["kv_loaded_tokens"] >= 4 * t.segment_tokens
+    assert answer["kv_cached_tokens"] + answer["kv_loaded_tokens"] >= (len(path) - 1) * t.segment_tokens
     spent = th["all_thinking_tokens"] + th["probe_tokens"] + answer["completion_tokens"]
     assert data["usage"]["completion_tokens"] == spent
