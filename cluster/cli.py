@@ -87,7 +87,10 @@ def ready_message(cfg: AppConfig) -> str:
         '  ponder chat "What is 17 + 25?" --tier medium',
     ]
     if cfg.ray.dashboard:
-        lines.append(f"Ray dashboard: http://127.0.0.1:{cfg.ray.dashboard_port}")
+        lines.append(
+            f"Ray dashboard: http://127.0.0.1:{cfg.ray.dashboard_port} (it asks for Ray's token: "
+            "`ray get-auth-token` prints it; it is also in ~/.ray/auth_token)"
+        )
     lines.append("Ctrl-C stops the app and the Ray cluster.")
     return "\n".join(lines)
 
@@ -106,6 +109,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(main(args.address, args.json, names))
     except (ConnectionError, OSError) as exc:  # OSError: the TCP probe (refused, timed out, no route)
         raise CliError(f"no Ray cluster at {args.address!r}: {exc}") from exc
+    return 0
+
+
+def cmd_screenshots(args: argparse.Namespace) -> int:
+    from cluster import dashboard
+
+    token = dashboard.auth_token()
+    try:
+        apps = dashboard.serve_applications(args.dashboard, token)["applications"]
+        if not apps:
+            raise CliError(
+                f"the Ray cluster behind {args.dashboard} serves no application: start `ponder serve`"
+            )
+        dashboard.screenshots(args.dashboard, Path(args.out), token, args.prometheus)
+    except (dashboard.DashboardError, OSError) as exc:
+        raise CliError(str(exc)) from exc
     return 0
 
 
@@ -168,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for plugin in command_plugins():  # `ponder bench ...` (bench/cli.py) registers itself
         plugin(sub)
+
+    sh = sub.add_parser(
+        "screenshots", help="screenshot a running Ponder's Ray dashboard in headless chromium (docs/img)"
+    )
+    sh.add_argument("--dashboard", default="http://127.0.0.1:8265", help="Ray dashboard URL")
+    sh.add_argument("--out", default="docs/img", help="folder for ray-dashboard-*.png")
+    sh.add_argument(
+        "--prometheus", help="a Prometheus scraping the cluster: adds its graph of Ponder's requests"
+    )
+    sh.set_defaults(func=cmd_screenshots)
 
     cal = sub.add_parser("calibrate", help="set a domain's confidence-exit threshold from warm-up problems")
     from cluster.calibrate import add_arguments as add_calibrate_arguments

@@ -1,20 +1,23 @@
-"""A real Prometheus (Debian's 2.42) scrapes a local Ponder (two workers, the KV store on, every round
-spilled to the other worker) as a cluster's Prometheus would; a mixed workload runs twice; then every
-panel query of the Grafana dashboard is evaluated through Prometheus's HTTP API with the dashboard's
-variables substituted, over exactly the second run. Each query must return data, and the values must
-agree with what the requests' own `reasoning` objects say: counters exactly, quantiles within the
-histogram bucket that holds the true value.
+"""The cluster as its operators see it. A real Prometheus (Debian's 2.42) scrapes a local Ponder
+(two workers, the KV store on, every round spilled to the other worker) as a cluster's Prometheus
+would; a mixed workload runs twice; then every panel query of the Grafana dashboard is evaluated
+through Prometheus's HTTP API with the dashboard's variables substituted, over exactly the second
+run. Each query must return data, and the values must agree with what the requests' own `reasoning`
+objects say: counters exactly, quantiles within the histogram bucket that holds the true value.
 
-Why two runs: `rate()` cannot see the first increment of a series that did not exist before (its first
-sample already holds the value). The first run creates every series the second moves; the window is
-then cut exactly at two scrapes (the last before the second run, the last after it), where
-Prometheus's extrapolation is zero and `rate(x[W]) * W` is the exact increase."""
+Why two runs: `rate()` cannot see the first increment of a series that did not exist before (its
+first sample already holds the value). The first run creates every series the second moves; the
+window is then cut exactly at two scrapes (the last before the second run, the last after it),
+where Prometheus's extrapolation is zero and `rate(x[W]) * W` is the exact increase.
+
+The same cluster runs the Ray dashboard: its own API must list Ponder healthy, and a real browser
+(headless chromium) enters Ray's token in the dashboard's dialog and takes the pages that
+`ponder screenshots` writes to docs/img."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import subprocess
 import time
@@ -24,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cluster import dashboard
 from cluster.local import free_port, running
 from services.ingress.metrics import CONFIDENCE, NODES, ROUNDS
 
@@ -42,6 +46,8 @@ def cfg(app_config):
     cfg.kvstore.ram_bytes = 64 << 20
     cfg.kvstore.chunk_tokens = 64
     cfg.kvstore.affinity_max_queue = 0  # each round on the other worker: its prefix comes from the store
+    cfg.ray.dashboard = True
+    cfg.ray.dashboard_port = free_port()
     return cfg
 
 
@@ -89,9 +95,10 @@ def prometheus(cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(cfg, prometheus):
-    with running(cfg, progress=lambda m: print(m, flush=True)) as url, httpx.Client(
-        base_url=url, timeout=600
-    ) as c:
+    with (
+        running(cfg, progress=lambda m: print(m, flush=True)) as url,
+        httpx.Client(base_url=url, timeout=600) as c,
+    ):
         yield c
 
 
@@ -267,7 +274,8 @@ def test_every_dashboard_panel_agrees_with_the_requests_through_a_real_prometheu
     conf = {
         s["metric"]["tier"]: float(s["value"][1])
         for s in q(
-            "histogram_quantile(0.5, sum by (le, tier) (rate(ray_ponder_exit_confidence_bucket[$__rate_interval])))"
+            "histogram_quantile(0.5, sum by (le, tier) "
+            "(rate(ray_ponder_exit_confidence_bucket[$__rate_interval])))"
         )
     }
     lo, hi = bucket(low["rounds"][-1]["confidence"], CONFIDENCE)
@@ -300,3 +308,31 @@ def test_every_dashboard_panel_agrees_with_the_requests_through_a_real_prometheu
     # 9. depth-control decisions: one per round of every chain
     decisions = scalar(q("sum by (decision) (rate(ray_ponder_depth_decisions_total[$__rate_interval]))")) * w
     assert round(decisions, 6) == len(rounds)
+
+
+def test_the_ray_dashboard_lists_ponder_healthy_and_a_browser_takes_its_pages(
+    http, cfg, prometheus, tmp_path
+):
+    url = f"http://127.0.0.1:{cfg.ray.dashboard_port}"
+    assert dashboard.auth_mode(url) == "token"  # a new local cluster gets Ray's token auth
+    assert httpx.get(f"{url}/api/serve/applications/", timeout=30).status_code == 401
+    token = dashboard.auth_token()
+    assert token, "Ray's token: $RAY_AUTH_TOKEN or ~/.ray/auth_token"
+    app = dashboard.serve_applications(url, token)["applications"][cfg.app_name]
+    assert app["status"] == "RUNNING", app["status"]
+    deployments = app["deployments"]
+    assert set(deployments) == {"Router", "ReasoningWorker"}, set(deployments)
+    for name, d in deployments.items():
+        assert d["status"] == "HEALTHY", (name, d["status"], d["message"])
+        assert [r["state"] for r in d["replicas"]] == ["RUNNING"] * d["target_num_replicas"], (name, d)
+    assert len(deployments["ReasoningWorker"]["replicas"]) == cfg.worker.num_replicas
+    shots = dashboard.screenshots(url, tmp_path, token, prometheus, progress=lambda m: None)
+    names = [p.name for p in shots]
+    assert names == [f"ray-dashboard-{p.name}.png" for p in dashboard.PAGES] + [
+        "prometheus-ponder-requests.png"
+    ]
+    for p in shots:  # a real PNG of a full page, not an error tile
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, (p, len(data))
+    with pytest.raises(dashboard.DashboardError, match="refused the token"):
+        dashboard.serve_applications(url, "not-the-token")
