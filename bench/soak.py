@@ -270,13 +270,10 @@ def main(args: argparse.Namespace) -> int:
     if args.url:
         import ray
 
+        from cluster.local import connect
+
         if not ray.is_initialized():  # a caller already on that cluster (the test suite) keeps its connection
-            ray.init(
-                address=args.address,
-                namespace=cfg.depth_control.namespace,
-                log_to_driver=False,
-                logging_level="ERROR",
-            )
+            connect(args.address, cfg.depth_control.namespace, log_to_driver=False, logging_level="ERROR")
         res = run(cfg, args.url, args, args.metrics_port)
     else:
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))

@@ -15,6 +15,36 @@ log = logging.getLogger("ponder.local")
 
 # vLLM and Hugging Face must never reach for a hub: models are provisioned ahead of time.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Ray 2.60 binds its servers (GCS, raylet, core workers, agents, metrics export) to loopback only when
+# the node IP is 127.0.0.1, and on Linux takes the machine's external address as the node IP unless
+# multi-node clusters are off (`ray_constants.ENABLE_RAY_CLUSTER`, read from this variable when `ray`
+# is imported; `_node_ip_address="127.0.0.1"` is rewritten to the external address). docs/security.md
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved_single_node: list[tuple[str | None, bool]] = []
+
+
+def _single_node_on_loopback() -> None:
+    """Node IP 127.0.0.1 for this process and the cluster it starts (children inherit the variable;
+    this process may have imported `ray` already, so its constant is set too)."""
+    from ray._private import ray_constants
+
+    _saved_single_node.append((os.environ.get(SINGLE_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER))
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _restore_node_ip() -> None:
+    """Undo `_single_node_on_loopback` (tests start other clusters in the same process later)."""
+    if not _saved_single_node:
+        return
+    from ray._private import ray_constants
+
+    env, enabled = _saved_single_node.pop()
+    if env is None:
+        os.environ.pop(SINGLE_NODE_ENV, None)
+    else:
+        os.environ[SINGLE_NODE_ENV] = env
+    ray_constants.ENABLE_RAY_CLUSTER = enabled
 
 
 def start_ray(cfg: AppConfig) -> None:
@@ -22,6 +52,8 @@ def start_ray(cfg: AppConfig) -> None:
 
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    if cfg.ray.loopback_only:
+        _single_node_on_loopback()
     # address="local" always starts a private cluster; a bare init() may attach to a stale one.
     ray.init(
         address="local",
@@ -34,6 +66,38 @@ def start_ray(cfg: AppConfig) -> None:
         runtime_env={"env_vars": dict(OFFLINE_ENV)},
         log_to_driver=False,
     )
+
+
+def connect(address: str, namespace: str, **kwargs) -> None:
+    """Join a running cluster as a driver (`ponder status`, benches). A loopback-only local cluster
+    (`ray.loopback_only`) is found at 127.0.0.1 only if this process is single-node too: Ray rewrites
+    a loopback address to the machine's external one otherwise, where nothing listens."""
+    import ray
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    # A new local cluster has Ray's token auth on; a driver joining it uses the token when there is
+    # one ($RAY_AUTH_TOKEN or ~/.ray/auth_token) unless RAY_AUTH_MODE says otherwise.
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    if address in ("auto", ""):
+        _single_node_on_loopback()
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")  # the local cluster's GCS
+        except ConnectionError:
+            _restore_node_ip()
+            raise
+        if not _is_loopback(address):
+            _restore_node_ip()
+    elif _is_loopback(address):
+        _single_node_on_loopback()
+    ray.init(address=address, namespace=namespace, **kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def deploy(cfg: AppConfig, progress: Callable[[str], None] = print) -> None:
@@ -59,11 +123,14 @@ def shutdown() -> None:
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    try:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+    finally:
+        _restore_node_ip()
 
 
 @contextmanager

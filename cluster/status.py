@@ -95,10 +95,12 @@ def collect(address: str, names: DepthControlConfig | None = None) -> dict:
     shards share); the defaults when omitted."""
     import ray
 
+    from cluster.local import connect
+
     names = names or DepthControlConfig()
     if not ray.is_initialized():
         check_reachable(address)
-        ray.init(address=address, namespace=names.namespace, log_to_driver=False, logging_level="ERROR")
+        connect(address, names.namespace, log_to_driver=False, logging_level="ERROR")
     return {
         "nodes": _nodes(),
         "workers": _workers(),

@@ -152,6 +152,11 @@ class KvStoreConfig(_Strict):
 class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1, le=4096, description="CPUs of the embedded cluster.")
     dashboard: bool = Field(True, description="Start the Ray dashboard with the embedded cluster.")
+    loopback_only: bool = Field(
+        True,
+        description="The embedded cluster is one node at 127.0.0.1: Ray's servers listen on loopback only "
+        "(except Ray Serve's inter-replica gRPC, token-guarded; docs/security.md). Not used on Kubernetes.",
+    )
     dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port.")
     metrics_export_port: int = Field(
         8080, ge=1, le=65535, description="Prometheus endpoint of the embedded cluster's metrics (/metrics)."
