@@ -180,6 +180,43 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 }
 
 
+# OpenAPI links (what a client does next with a chat completion's id): feedback on an answer; read,
+# approve or reject one held for review. Schemathesis' stateful run follows them
+# (tests/e2e/test_hostile_input.py); FastAPI merges this into the chat operation.
+_REVIEW_ID = {"review_id": "$response.body#/id"}
+CHAT_LINKS: dict = {
+    "responses": {
+        "200": {
+            "links": {
+                "Feedback": {
+                    "operationId": "feedback_v1_feedback_post",
+                    "requestBody": {"request_id": "$response.body#/id", "correct": True},
+                    "description": "Whether this completion's answer was correct.",
+                }
+            }
+        },
+        "202": {
+            "description": "Held for human review (the critical tier): the review, its proposed answer.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+            "links": {
+                "GetReview": {
+                    "operationId": "get_review_v1_reviews__review_id__get",
+                    "parameters": _REVIEW_ID,
+                },
+                "Approve": {
+                    "operationId": "approve_v1_reviews__review_id__approve_post",
+                    "parameters": _REVIEW_ID,
+                },
+                "Reject": {
+                    "operationId": "reject_v1_reviews__review_id__reject_post",
+                    "parameters": _REVIEW_ID,
+                },
+            },
+        },
+    }
+}
+
+
 class ApiError(Exception):
     """An error with an HTTP status, rendered in OpenAI's error shape."""
 

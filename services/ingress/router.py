@@ -23,7 +23,14 @@ from services.config import AppConfig
 from services.control.client import Control, DepthClient, RecordsClient
 from services.control.launch import find_control
 from services.ingress import access, chat, responses
-from services.ingress.api import ERROR_RESPONSES, ApiError, BodyLimit, ChatRequest, install_error_handlers
+from services.ingress.api import (
+    CHAT_LINKS,
+    ERROR_RESPONSES,
+    ApiError,
+    BodyLimit,
+    ChatRequest,
+    install_error_handlers,
+)
 from services.ingress.control_routes import routes as control_routes
 from services.ingress.metrics import Recorder, send_logs_to_replica_log
 from services.ingress.worker_client import WorkerClient
@@ -119,7 +126,7 @@ class Router:
             )
         return self._orchestrator
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_LINKS)
     async def chat_completions(self, req: ChatRequest, request: Request):
         # validate
         chat.check(req, self.model, self.rcfg)

@@ -30,8 +30,10 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, response_
 
 pytestmark = pytest.mark.e2e
 
-MAX_EXAMPLES = 25  # per operation and mode (positive, negative); fewer when the space is smaller
+MAX_EXAMPLES = 200  # per operation and mode (positive, negative); fewer when the space is smaller
 ENGINE_EXAMPLES = 15  # valid chat requests: most of them run rounds on the engine (~1-2 s each on CPU)
+SCENARIOS = 25  # stateful: sequences that follow the OpenAPI links from chat completions ...
+SCENARIO_STEPS = 6  # ... of at most this many calls each
 TINY = 4  # max_tokens of any request that reaches the engine
 ERROR_KEYS = {"message", "type", "param", "code"}
 GENERATED = "generated from /openapi.json"
@@ -147,7 +149,7 @@ def _shorten(messages: object, most: int = 64) -> None:
                 part["text"] = part["text"][:most]
 
 
-def bounded(case, model: str) -> None:
+def bounded(case, model: str, critical: bool = False) -> None:
     """Keep generated chat requests cheap when they reach the engine, and let them get that far:
     the served model's name (a random one is a 404 before any real work), the low tier (two rounds at
     most), max_tokens <= TINY, message texts of at most 64 characters, at most 4 ToT nodes. Only values
@@ -164,7 +166,11 @@ def bounded(case, model: str) -> None:
     _shorten(body.get("messages"))
     reasoning = body.setdefault("reasoning", {"tier": "low"})
     if isinstance(reasoning, dict) and reasoning.get("tier", "low") in ("low", "medium", "high", "critical"):
-        reasoning["tier"] = "low"
+        # critical (held for review: 202) only where the review links are followed, one round
+        held = critical and reasoning.get("tier") == "critical"
+        reasoning["tier"] = "critical" if held else "low"
+        if held:
+            reasoning["max_rounds"] = 1
         _cap(reasoning.get("tot"), "max_total_nodes", 4, valid_up_to=64)
 
 
@@ -207,6 +213,46 @@ def test_generated_requests_get_no_5xx_and_openai_shaped_refusals(api_schema, ap
         case.validate_response(response, checks=CHECKS)
 
     run()
+
+
+STATEFUL = f"{GENERATED}, stateful (links: chat -> feedback; chat -> review -> approve, reject)"
+STATEFUL_CHECKS = [not_a_server_error, response_schema_conformance, openai_shaped]
+FOLLOWED: Counter = Counter()  # link-driven calls that found what the previous response named
+
+
+def test_stateful_sequences_follow_the_links_and_get_no_5xx(api_schema, app_config):
+    """Schemathesis' state machine from /openapi.json's links: a chat completion, then feedback on
+    its id, or (critical tier) its review read, approved or rejected; any order, repeats included."""
+    model = app_config.engine.model
+
+    class Sequences(api_schema.as_state_machine()):
+        def before_call(self, case) -> None:
+            bounded(case, model, critical=True)
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+            content_type = (response.headers.get("content-type") or [""])[0]
+            name = f"{case.method} {case.path} {case.body!r:.200}"
+            tally(STATEFUL, name, response.status_code, content_type, response.content, response.elapsed)
+            if case.path != "/v1/chat/completions" and response.status_code in (200, 409):
+                FOLLOWED[f"{case.method} {case.path}"] += 1  # the id from the chat was real
+            case.validate_response(response, checks=STATEFUL_CHECKS)
+
+    Sequences.run(
+        settings=settings(
+            max_examples=SCENARIOS,
+            stateful_step_count=SCENARIO_STEPS,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+            print_blob=False,
+        )
+    )
+    # the links were really followed: feedback on real completions and decisions on real reviews
+    assert FOLLOWED["POST /v1/feedback"] > 0, FOLLOWED
+    reviewed = sum(v for k, v in FOLLOWED.items() if k.startswith(("GET /v1/reviews/", "POST /v1/reviews/")))
+    assert reviewed > 0, FOLLOWED
 
 
 # --- hand-written -------------------------------------------------------------------------------
@@ -579,6 +625,7 @@ def summary():
         ".venv/bin/pytest tests/e2e/test_hostile_input.py -q -s",
         "max_examples": MAX_EXAMPLES,
         "engine_examples": ENGINE_EXAMPLES,
+        "stateful": {"scenarios": SCENARIOS, "steps": SCENARIO_STEPS, "links_followed": dict(FOLLOWED)},
         "seconds_with_cluster_start": round(time.monotonic() - started, 1),
         "classes": rows,
     }
