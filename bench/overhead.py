@@ -11,6 +11,11 @@ Both paths run on one local cluster in one run, interleaved request by request:
 Every round generates exactly `max_tokens` tokens (`ignore_eos`), and each request asks a question of
 its own (no prefix-cache sharing between the two paths). Per request, the per-round time is the
 request's wall time / R; the added time is routed minus direct at the same percentile.
+
+`--keys` runs it twice, on two clusters one after the other: without API keys, then with a keys
+file whose key has request and token limits (high enough never to refuse, so every request is
+counted against them: the router's own window and depth control's cluster-wide one at admission)
+and every request sending that key. It reports both and their difference.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=40, help="requests per path")
     p.add_argument("--rounds", type=int, default=4, help="rounds per request")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per round")
+    p.add_argument(
+        "--keys",
+        action="store_true",
+        help="also run with API keys and per-key limits configured, and compare",
+    )
+
+
+KEY_LIMITS = {"requests_per_minute": 100_000, "tokens_per_minute": 100_000_000}  # counted, never hit
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,6 +100,23 @@ async def direct_request(worker, tokenizer, question: str, rounds: int, max_toke
     return (time.perf_counter() - start) * 1000.0
 
 
+def with_key(cfg: AppConfig) -> str:
+    """Configure one API key with limits (a keys file in a temporary folder); return the key."""
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.keys import new_key
+    from services.ingress.auth import hash_key
+
+    key = new_key()
+    path = Path(tempfile.mkdtemp(prefix="ponder-overhead-keys-")) / "keys.yaml"
+    entry = {"name": "bench", "sha256": hash_key(key), **KEY_LIMITS}
+    path.write_text(yaml.safe_dump({"keys": [entry]}))
+    cfg.auth.api_keys_file = str(path)
+    return key
+
+
 async def routed_request(
     client: httpx.AsyncClient, model: str, question: str, rounds: int, max_tokens: int
 ) -> tuple[float, dict]:
@@ -121,7 +151,7 @@ async def routed_request(
     return elapsed, data
 
 
-async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
+async def measure(cfg: AppConfig, url: str, args: argparse.Namespace, key: str | None = None) -> dict:
     from ray import serve
 
     from services.loop.tokenizer import HfTokenizer
@@ -129,7 +159,8 @@ async def measure(cfg: AppConfig, url: str, args: argparse.Namespace) -> dict:
     worker = serve.get_deployment_handle("ReasoningWorker", cfg.app_name)
     tokenizer = HfTokenizer(cfg.engine.model_path or "")
     direct, routed, router_rounds = [], [], []
-    async with httpx.AsyncClient(base_url=url, timeout=120.0) as client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=120.0, headers=headers) as client:
         for i in range(-2, args.requests):  # two warm-up pairs, not counted
             qd, qr = (
                 f"Question {i + 1000}a: what is {i} + 3?",
@@ -182,13 +213,33 @@ def print_table(res: dict) -> None:
         print(f"{name:32} {p50:10.2f} {p99:10.2f}")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_once(args: argparse.Namespace, keys: bool) -> dict:
     from cluster.local import running
 
     cfg = bench_config(args)
+    key = with_key(cfg) if keys else None
     with running(cfg, progress=lambda m: print(m, flush=True)) as url:
-        res = asyncio.run(measure(cfg, url, args))
+        res = asyncio.run(measure(cfg, url, args, key))
+    res["api_keys"] = {"limits": KEY_LIMITS} if keys else None
     print_table(res)
+    return res
+
+
+def main(args: argparse.Namespace) -> int:
+    res = run_once(args, keys=False)
+    if args.keys:
+        print("\nagain, with an API key and its limits configured:", flush=True)
+        keyed = run_once(args, keys=True)
+        res = {
+            **res,
+            "with_keys": keyed,
+            "keys_added_ms_p50": keyed["added_ms_p50"] - res["added_ms_p50"],
+        }
+        print(
+            f"\nadded per round, p50: {res['added_ms_p50']:.2f} ms without keys, "
+            f"{keyed['added_ms_p50']:.2f} ms with a key and its limits "
+            f"({res['keys_added_ms_p50']:+.2f} ms)"
+        )
     if args.json_path:
         print(f"wrote {write_json(args.json_path, res)}")
     return 0

@@ -18,13 +18,17 @@ PONDER = str(Path(sys.executable).with_name("ponder"))  # the venv's console scr
 
 def test_bench_overhead_runs_and_the_router_decides_the_rounds(tmp_path, capsys):
     out = tmp_path / "overhead.json"
-    argv = ["bench", "overhead", "--requests", "2", "--rounds", "3", "--max-tokens", "4", "--json", str(out)]
-    assert cli.main(argv) == 0  # it raises unless the router decided every round under the plan
+    argv = ["bench", "overhead", "--requests", "2", "--rounds", "3", "--max-tokens", "4", "--keys"]
+    assert cli.main([*argv, "--json", str(out)]) == 0  # raises unless the router decided every round
     res = json.loads(out.read_text())
     assert res["model"] == TINY_MODEL and res["requests"] == 2 and res["rounds_per_request"] == 3
     assert res["direct_round_ms_p50"] > 0 and res["routed_round_ms_p50"] > 0
-    assert isinstance(res["added_ms_p50"], float)
-    assert "added per round" in capsys.readouterr().out
+    assert isinstance(res["added_ms_p50"], float) and res["api_keys"] is None
+    keyed = res["with_keys"]  # a second cluster with a keys file: every request sent its key
+    assert keyed["api_keys"]["limits"]["requests_per_minute"] > 0 and keyed["routed_round_ms_p50"] > 0
+    assert res["keys_added_ms_p50"] == pytest.approx(keyed["added_ms_p50"] - res["added_ms_p50"])
+    printed = capsys.readouterr().out
+    assert "added per round" in printed and "with a key and its limits" in printed
 
 
 def test_bench_observe_scrapes_ponder_series_and_draws_them(tmp_path):
