@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run with API keys and per-key limits configured, and compare",
     )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="with --keys: pairs of clusters, in ABBA order (2: without, with, with, without)",
+    )
 
 
 KEY_LIMITS = {"requests_per_minute": 100_000, "tokens_per_minute": 100_000_000}  # counted, never hit
@@ -225,20 +231,36 @@ def run_once(args: argparse.Namespace, keys: bool) -> dict:
     return res
 
 
+def abba(pairs: int) -> list[bool]:
+    """Which runs configure keys: ABBA... so that a drift of the machine's load cancels out."""
+    return [k for i in range(pairs) for k in ((False, True) if i % 2 == 0 else (True, False))]
+
+
 def main(args: argparse.Namespace) -> int:
-    res = run_once(args, keys=False)
-    if args.keys:
-        print("\nagain, with an API key and its limits configured:", flush=True)
-        keyed = run_once(args, keys=True)
+    if not args.keys:
+        res = run_once(args, keys=False)
+    else:
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for keys in abba(max(1, args.pairs)):
+            print(
+                f"\ncluster {'with an API key and its limits' if keys else 'without API keys'}:", flush=True
+            )
+            runs[keys].append(run_once(args, keys=keys))
+        without = statistics.fmean(r["added_ms_p50"] for r in runs[False])
+        with_keys = statistics.fmean(r["added_ms_p50"] for r in runs[True])
         res = {
-            **res,
-            "with_keys": keyed,
-            "keys_added_ms_p50": keyed["added_ms_p50"] - res["added_ms_p50"],
+            **runs[False][0],
+            "with_keys": runs[True][0],
+            "order": ["keys" if k else "no keys" for k in abba(max(1, args.pairs))],
+            "added_ms_p50_runs": {
+                "without_keys": [r["added_ms_p50"] for r in runs[False]],
+                "with_keys": [r["added_ms_p50"] for r in runs[True]],
+            },
+            "keys_added_ms_p50": with_keys - without,
         }
         print(
-            f"\nadded per round, p50: {res['added_ms_p50']:.2f} ms without keys, "
-            f"{keyed['added_ms_p50']:.2f} ms with a key and its limits "
-            f"({res['keys_added_ms_p50']:+.2f} ms)"
+            f"\nadded per round, p50 (mean of {len(runs[False])} cluster(s) each): {without:.2f} ms without "
+            f"keys, {with_keys:.2f} ms with a key and its limits ({res['keys_added_ms_p50']:+.2f} ms)"
         )
     if args.json_path:
         print(f"wrote {write_json(args.json_path, res)}")

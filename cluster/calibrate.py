@@ -1,4 +1,5 @@
-"""`ponder calibrate --domain D`: set a domain's confidence-exit threshold from warm-up problems.
+"""`ponder calibrate --domain D`: set a domain's confidence-exit threshold from warm-up problems;
+`ponder calibrate --routing`: fit the tier scorer to outcomes (cluster/calibrate_routing.py).
 
 The domain's warm-up problems (configs/domains.yaml, reasoning-gym) run greedily to the ceiling of the
 domain's tier with no early exit, on a real engine in this process (cluster/runner.py). Each problem
@@ -41,9 +42,11 @@ class CalibrateError(Exception):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from cluster.calibrate_routing import add_routing_arguments
     from services.config import DEFAULT_CONFIG
 
-    p.add_argument("--domain", required=True, help="domain to calibrate (configs/domains.yaml)")
+    p.add_argument("--domain", help="domain whose exit threshold to calibrate (configs/domains.yaml)")
+    add_routing_arguments(p)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="app config YAML (names the domains file)")
     p.add_argument("--problems", type=int, help="warm-up problems in all (default: the warm-up sizes)")
     p.add_argument("--model", help="model (default: qwen2.5-coder-0.5b-instruct if pulled, else SmolLM2)")
@@ -110,6 +113,15 @@ async def traces(
 def main(args: argparse.Namespace) -> int:
     from services.config import AppConfig
 
+    if bool(args.domain) == bool(args.routing):
+        raise CalibrateError("give either --domain NAME (an exit threshold) or --routing (the tier scorer)")
+    if args.routing:
+        from cluster import calibrate_routing
+
+        args.model = args.model or default_model()
+        if not 0.0 < args.held_out < 1.0:
+            raise CalibrateError(f"--held-out must be between 0 and 1; got {args.held_out}")
+        return calibrate_routing.main(args)
     app = AppConfig.load(args.config)
     d = domain_of(app.depth_control.domains_file, args.domain)
     args.model = args.model or default_model()

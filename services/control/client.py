@@ -196,6 +196,13 @@ class DepthClient:
         except Exception as exc:
             log.warning("could not report session end (%s); its lease will expire", exc)
 
+    def feedback(self, rid: str, correct: bool) -> None:
+        """Feedback a request got, for the depth value (fire and forget, like `finish`)."""
+        try:
+            self.actor.feedback.remote(rid, correct)
+        except Exception as exc:
+            log.warning("could not pass feedback to depth control (%s)", exc)
+
 
 class RecordsClient:
     """Reviews, feedback and domains: the records actor's durable state (services/control/records.py)."""

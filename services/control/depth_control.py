@@ -210,9 +210,21 @@ class DepthControl:
         ctx = context if isinstance(context, dict) else {}
         if ctx.get("chain") and rounds and all(isinstance(r, dict) for r in rounds):
             changed = [bool(r.get("answer_changed")) for r in rounds[1:]]
-            self.depth_value.observe(str(ctx.get("domain", "")), str(ctx.get("tier", "")), changed)
+            self.depth_value.observe(
+                str(ctx.get("domain", "")), str(ctx.get("tier", "")), changed, request_id=session_id
+            )
             self._depth_value_changed = True
         self._checkpoint(now, force=True)
+
+    def feedback(self, request_id: str, correct: bool) -> bool:
+        """Feedback on a finished request (after the records actor took it): the rounds that changed
+        its answer learn whether that ended right. False when there was nothing to learn."""
+        self.calls["feedback"] += 1
+        judged = self.depth_value.judge(str(request_id), bool(correct))
+        if judged:
+            self._depth_value_changed = True
+            self._checkpoint(self.clock(), force=True)
+        return judged
 
     # --- introspection ----------------------------------------------------------------------------
 

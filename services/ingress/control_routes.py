@@ -22,8 +22,11 @@ def records(request: Request) -> RecordsClient:
 
 @routes.post("/v1/feedback")
 async def feedback(body: FeedbackRequest, request: Request) -> JSONResponse:
-    """Was a completion's answer correct? Updates its domain's statistics (and threshold)."""
-    return JSONResponse(await records(request).feedback(body.request_id, body.correct))
+    """Was a completion's answer correct? Updates its domain's statistics (and threshold), and tells
+    depth control whether the rounds that changed its answer made it right (the depth value)."""
+    result = await records(request).feedback(body.request_id, body.correct)  # refuses unknown ids, repeats
+    request.app.state.depth.feedback(body.request_id, body.correct)
+    return JSONResponse(result)
 
 
 @routes.get("/v1/domains")

@@ -75,12 +75,11 @@ class Router:
         self.domains, warnings = DomainRegistry.load(self.cfg.depth_control.domains_file).for_model(
             self.cfg.engine.model
         )
-        for w in warnings:
+        complexity, scorer_warnings = ComplexityConfig.load(self.rcfg.complexity_file).for_model(self.model)
+        for w in [*warnings, *scorer_warnings]:
             log.warning("%s", w)
         self.planner = RequestPlanner(
-            TierTable.load(self.cfg.depth_control.tiers_file),
-            ComplexityConfig.load(self.rcfg.complexity_file),
-            self.domains,
+            TierTable.load(self.cfg.depth_control.tiers_file), complexity, self.domains
         )
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "", self.cfg.engine.chat_template)
         # A model that thinks natively: its trace becomes reasoning_content (configured or detected).

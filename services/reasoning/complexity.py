@@ -125,6 +125,25 @@ _DEFAULT_DOMAINS = {
 }  # fmt: skip
 
 
+class RoutingCalibration(BaseModel):
+    """Where fitted weights came from (`ponder calibrate --routing`): they apply to this model only."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="The model whose outcomes the weights were fitted to.")
+    at: str = Field(description="Date of the fit (YYYY-MM-DD).")
+    dataset: list[str] = Field(description="Problem families (dataset:difficulty) and formats fitted on.")
+    seed: int = Field(description="Problem generator and held-out split seed.")
+    prompts: int = Field(ge=1, description="Calibration prompts (problems x formats).")
+    labels: dict[str, int] = Field(
+        description="Prompts per label: the cheapest tier reaching the best answer."
+    )
+    held_out: int = Field(ge=0, description="Prompts held out of the fit.")
+    held_out_accuracy: float = Field(ge=0, le=1, description="Fitted scorer picks the label's tier.")
+    hand_held_out_accuracy: float = Field(ge=0, le=1, description="The hand-set scorer, same prompts.")
+    majority_held_out_accuracy: float = Field(ge=0, le=1, description="Always the commonest label.")
+
+
 class ComplexityConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -148,6 +167,9 @@ class ComplexityConfig(BaseModel):
     )
     domain_min_hits: int = Field(
         2, ge=1, description="Distinct keywords of one domain that make a prompt critical."
+    )
+    calibration: RoutingCalibration | None = Field(
+        None, description="Set when the weights and thresholds were fitted to a model's outcomes."
     )
 
     _patterns: dict[str, re.Pattern[str] | None] = PrivateAttr(default_factory=dict)
@@ -175,6 +197,20 @@ class ComplexityConfig(BaseModel):
     def load(cls, path: str | Path) -> ComplexityConfig:
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f) or {})
+
+    def for_model(self, model: str | None) -> tuple[ComplexityConfig, list[str]]:
+        """This scorer as it applies to the served `model`: weights fitted to another model's outcomes
+        fall back to the hand-set defaults (keywords and domains kept), with a warning."""
+        if model is None or self.calibration is None or self.calibration.model == model:
+            return self, []
+        defaults = ComplexityConfig()
+        fallback = self.model_copy(
+            update={"weights": defaults.weights, "thresholds": defaults.thresholds, "calibration": None}
+        )
+        return fallback, [
+            f"the complexity scorer was fitted to {self.calibration.model!r}, not the served {model!r}: "
+            "its hand-set weights route requests until `ponder calibrate --routing` runs with this model"
+        ]
 
 
 @dataclass(frozen=True)

@@ -120,3 +120,40 @@ def test_calibrate_runs_and_writes_the_domain_threshold(tmp_path, capsys):
     assert "chosen threshold" in out and "wrote domain 'math'" in out
     math = yaml.safe_load((configs / "domains.yaml").read_text())["domains"]["math"]
     assert math["calibration"]["model"] == TINY_MODEL and math["calibration"]["n_problems"] == 3
+
+
+@pytest.mark.parametrize("extra", [[], ["--domain", "math", "--routing"]])
+def test_calibrate_wants_a_domain_or_routing_not_both(extra, capsys):
+    assert cli.main(["calibrate", *extra, "--dry-run"]) == 1
+    assert "give either --domain NAME" in capsys.readouterr().err
+
+
+def test_calibrate_routing_fits_the_scorer_for_its_model(tmp_path, capsys):
+    """`ponder calibrate --routing` end to end on the tiny model (every answer wrong, so every label
+    is low and the fitted scorer routes everything low), into a copy of the configs."""
+    import shutil
+
+    from services.config import DEFAULT_CONFIG
+    from services.reasoning.complexity import ComplexityConfig, score
+
+    configs, out = tmp_path / "configs", tmp_path / "routing.json"
+    shutil.copytree(Path(DEFAULT_CONFIG).parent, configs)
+    argv = ["calibrate", "--routing", "--config", str(configs / Path(DEFAULT_CONFIG).name)]
+    argv += ["--model", TINY_MODEL, "--problems", "9", "--max-tokens", "8", "--kv-cache-mib", "128"]
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out tier agreement" in printed and "wrote the fitted scorer" in printed
+    cfg = ComplexityConfig.load(configs / "complexity.yaml")  # the file still validates
+    cal = cfg.calibration
+    assert (
+        cal is not None
+        and cal.model == TINY_MODEL
+        and cal.prompts == len(json.loads(out.read_text())["traces"])
+    )
+    assert cal.labels == {"low": cal.prompts, "medium": 0, "high": 0} and cal.held_out > 0
+    assert score("Design a plan: first compare 3 + 4 with 5 * 6, then schedule each step.", cfg).tier == "low"
+    served, warnings = cfg.for_model("smollm2-135m-instruct")  # another model: the hand-set weights
+    assert served.calibration is None and warnings
+    traces = json.loads(out.read_text())["traces"]
+    assert all(len(t["correct"]) == 6 for t in traces)  # each prompt ran to the high ceiling
+    assert sum(t["group"] == traces[0]["group"] for t in traces) == 2  # plain and multiple-choice

@@ -268,3 +268,24 @@ def test_a_keys_limits_are_held_at_admission_for_every_router_and_retries_count_
     tokens = {"requests_per_minute": None, "tokens_per_minute": 700}
     assert a.admit("s5", "alice", "low", 1, 2, "general", tokens)["refused"]["kind"] == "tokens"
     assert "refused" not in a.admit("s6", "alice", "low", 1, 2, "general")  # no limits: nothing held
+
+
+def test_feedback_teaches_the_depth_value_whether_changes_ended_right_and_survives_a_restart(cfg):
+    cfg["depth_value"] = {"min_samples": 20, "window": 50, "max_change_rate": 0.05, "min_judged": 10}
+    cfg["budgets"]["max_deep_sessions"] = 1000
+    clock = Clock()
+    a = DepthControl(cfg, "cluster-1", clock)
+    chain = {"domain": "math", "tier": "medium", "chain": True}
+    last_changes = [{"decision": "x", "answer_changed": i == 3} for i in range(4)]  # round 4 changes it
+    for i in range(20):
+        a.admit(f"s{i}", "k", "medium", 3, 4, "math")
+        a.finish(f"s{i}", "k", 10, last_changes, chain)
+    assert a.admit("n", "k", "medium", 3, 4, "math")["max_rounds"] == 4  # round 4 changes every answer
+    assert all(a.feedback(f"s{i}", False) for i in range(20))  # ... and every change ended wrong
+    assert not a.feedback("s0", False) and not a.feedback("unknown", True)
+    b = DepthControl(cfg, "cluster-1", clock)  # restarted: the judged changes were checkpointed
+    lowered = [g for g in (b.admit(f"m{i}", "k", "medium", 3, 4, "math") for i in range(50))]
+    assert any(g["max_rounds"] == 3 for g in lowered)
+    row = b.depth_report()["math"]["medium"]["rounds"]["round_4"]
+    assert (row["changed"], row["changes_judged"], row["changes_right"]) == (20, 20, 0)
+    assert a.stats()["calls"]["feedback"] == 22

@@ -71,3 +71,58 @@ def test_state_round_trips_as_json_and_damage_costs_only_statistics():
     off = DepthValue(CFG.model_copy(update={"enabled": False}))
     feed(off, 100, [0, 0, 0])
     assert off.ceiling("math", "medium", 1, 4) == (4, "off")
+
+
+def judged_run(dv, n, right_share, seed=2):
+    """n medium requests whose round 4 (only) changes the answer; feedback says right_share were right."""
+    rng = random.Random(seed)
+    for i in range(n):
+        dv.observe("math", "medium", [False, False, True], request_id=f"r{i}")
+        assert dv.judge(f"r{i}", rng.random() < right_share)
+
+
+def test_changes_that_feedback_judges_wrong_do_not_pay():
+    """Round 4 changes every answer; feedback says those changes end wrong: it comes down anyway."""
+    dv = DepthValue(CFG)
+    judged_run(dv, 30, right_share=0.0)
+    eff, why = dv.ceiling("math", "medium", 3, 4)  # medium's floor is 3
+    assert eff == 3 and why.startswith("round 4 changed 0.0% of answers") and "judged wrong" in why, why
+    row = dv.summary()["math|medium"]["round_4"]
+    assert row["changed"] == 30 and (row["changes_judged"], row["changes_right"]) == (30, 0)
+
+
+def test_changes_that_feedback_judges_right_keep_the_ceiling():
+    dv = DepthValue(CFG)
+    judged_run(dv, 30, right_share=0.6)
+    assert dv.ceiling("math", "medium", 3, 4)[0] == 4
+
+
+def test_too_little_feedback_does_not_weigh_in_and_unknown_requests_teach_nothing():
+    dv = DepthValue(CFG)
+    for i in range(30):
+        dv.observe("math", "medium", [False, False, True], request_id=f"r{i}")
+    for i in range(CFG.min_judged - 1):
+        dv.judge(f"r{i}", False)
+    assert dv.ceiling("math", "medium", 3, 4)[0] == 4  # 9 judged: the change rate alone decides
+    assert not dv.judge("never-seen", False) and not dv.judge("r0", True)  # once per request
+    dv.observe("math", "medium", [False, False, False], request_id="calm")  # changed nothing
+    assert not dv.judge("calm", False)
+
+
+def test_only_the_most_recent_requests_await_feedback():
+    dv = DepthValue(CFG.model_copy(update={"awaiting": 3}))
+    for i in range(5):
+        dv.observe("math", "medium", [True], request_id=f"r{i}")
+    assert not dv.judge("r0", True) and not dv.judge("r1", True) and dv.judge("r4", True)
+
+
+def test_judged_counts_persist_and_the_old_state_format_still_loads():
+    import json
+
+    dv = DepthValue(CFG)
+    judged_run(dv, 12, right_share=0.0)
+    back = DepthValue.restore(CFG, json.loads(json.dumps(dv.snapshot())))
+    assert back.summary() == dv.summary() and back.ceiling("math", "medium", 3, 4)[0] == 4  # 12 < 20 seen
+    old = {"math|medium": ["0" * 25, "0" * 25, "1" * 25]}  # version 1: the seen bits alone
+    v1 = DepthValue.restore(CFG, old)
+    assert v1.summary()["math|medium"]["round_4"]["changed"] == 25 and v1.judged == {}
