@@ -118,7 +118,7 @@ async def _run(args: argparse.Namespace, settings: Any, problems: list[Problem],
     table = TierTable.load(settings.tiers_file)
     plan = plan_for(table, "high", max_rounds=top, min_rounds=top)  # a chain to the ceiling, no exit
     jobs = [Job(p, "ceiling", plan, greedy(args.max_tokens), f"route-{p.id}") for p in problems]
-    runner = Runner(settings.engine)
+    runner = Runner(settings.engine, settings.prompts())
     await runner.start()
     try:
         results = await runner.run_all(jobs, args.concurrency, desc="calibrate routing")
@@ -130,9 +130,28 @@ async def _run(args: argparse.Namespace, settings: Any, problems: list[Problem],
             tuple(r.correct for r in res.rounds),
             tuple(r.completion_tokens for r in res.rounds),
             p.id.removesuffix("-mc"),
+            tuple(r.answer for r in res.rounds),
         )
         for p, res in zip(problems, results, strict=True)
     ]
+
+
+def depth_effects(traces: list[Trace]) -> dict[str, dict[str, float]]:
+    """Per round k >= 2: the share of prompts whose answer round k changed, fixed (wrong -> right)
+    and broke (right -> wrong): what the verification rounds did."""
+    out: dict[str, dict[str, float]] = {}
+    rounds = max((len(t.correct) for t in traces), default=0)
+    for k in range(1, rounds):
+        ts = [t for t in traces if len(t.correct) > k and len(t.answers) > k]
+        if not ts:
+            continue
+        n = len(ts)
+        out[f"round_{k + 1}"] = {
+            "changed": round(sum(t.answers[k] != t.answers[k - 1] for t in ts) / n, 4),
+            "fixed": round(sum(t.correct[k] and not t.correct[k - 1] for t in ts) / n, 4),
+            "broke": round(sum(t.correct[k - 1] and not t.correct[k] for t in ts) / n, 4),
+        }
+    return out
 
 
 def print_fit(fit: RoutingFit) -> None:
@@ -171,6 +190,10 @@ def main(args: argparse.Namespace) -> int:
     )
     fit = fit_routing(traces, ceilings, hand, seed=args.seed, held_out=args.held_out)
     print_fit(fit)
+    effects = depth_effects(traces)
+    print(f"\nround prompts: {settings.prompts().family!r}; what each later round did (share of prompts):")
+    for k, e in effects.items():
+        print(f"  {k}: changed {e['changed']:.3f}, fixed {e['fixed']:.3f}, broke {e['broke']:.3f}")
     block = RoutingCalibration(
         model=args.model,
         at=dt.date.today().isoformat(),
@@ -184,7 +207,9 @@ def main(args: argparse.Namespace) -> int:
         majority_held_out_accuracy=round(fit.majority_held_out_accuracy, 4),
     )
     if args.json_path:
-        _write_json(args.json_path, traces, fit, block)
+        _write_json(
+            args.json_path, traces, fit, block, {"prompts": settings.prompts().family, "rounds": effects}
+        )
     if args.dry_run:
         print("dry run: nothing written")
     else:
@@ -193,10 +218,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: str, traces: list[Trace], fit: RoutingFit, block: RoutingCalibration) -> None:
+def _write_json(
+    path: str, traces: list[Trace], fit: RoutingFit, block: RoutingCalibration, depth: dict
+) -> None:
     import json
 
     data = {
+        "depth_effects": depth,
         "calibration": block.model_dump(),
         "policies": {k: dataclasses.asdict(v) for k, v in fit.policies.items()},
         "weights": {f: w.weight for f, w in fit.config.weights.items()},

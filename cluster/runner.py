@@ -63,10 +63,12 @@ def decide_fn() -> Callable[..., Any]:
 
 
 def make_orchestrator(
-    engine: Any, tokenizer: Any, info: Any, trace: TraceMarkers | None = None
+    engine: Any, tokenizer: Any, info: Any, trace: TraceMarkers | None = None, prompts: Any = None
 ) -> Orchestrator:
     """API point: the orchestrator as the router builds it (ToT expands n children in one request;
-    `trace`: the model thinks natively, as the router detects it)."""
+    `trace`: the model thinks natively, as the router detects it; `prompts`: the model family's)."""
+    from services.reasoning.prompts import DEFAULT_PROMPTS
+
     return Orchestrator(
         engine.generate_stream,
         decide_fn(),
@@ -76,6 +78,7 @@ def make_orchestrator(
         expand=engine.generate_n,
         trace=trace,
         trace_opened=trace is not None and tokenizer.opens(trace.start),
+        prompts=prompts or DEFAULT_PROMPTS,
     )
 
 
@@ -105,6 +108,15 @@ class Settings:
     tiers_file: str
     domains_file: str
     complexity_file: str
+    prompts_file: str | None = None  # round prompts per model family (the built-in ones when None)
+
+    def prompts(self) -> Any:
+        """The round prompts of the engine's model family, as the router picks them."""
+        from services.reasoning.prompts import DEFAULT_PROMPTS, PromptFamilies
+
+        if self.prompts_file is None:
+            return DEFAULT_PROMPTS
+        return PromptFamilies.load(self.prompts_file).for_model(self.engine.model)
 
 
 def load_settings(config: str, model: str, *, dtype: str, kv_cache_mib: int, max_model_len: int) -> Settings:
@@ -129,6 +141,7 @@ def load_settings(config: str, model: str, *, dtype: str, kv_cache_mib: int, max
         tiers_file=cfg.depth_control.tiers_file,
         domains_file=cfg.depth_control.domains_file,
         complexity_file=cfg.router.complexity_file,
+        prompts_file=cfg.router.prompts_file,
     )
 
 
@@ -210,8 +223,9 @@ class JobResult:
 class Runner:
     """One engine + orchestrator, started and used from one event loop."""
 
-    def __init__(self, engine_config: EngineConfig) -> None:
+    def __init__(self, engine_config: EngineConfig, prompts: Any = None) -> None:
         self.config = engine_config
+        self.prompts = prompts
         self.engine: Any = None
         self.orchestrator: Orchestrator | None = None
         self.startup_s = 0.0
@@ -227,7 +241,7 @@ class Runner:
         info = await self.engine.start()
         tokenizer = HfTokenizer(path, self.config.chat_template)
         trace = self.config.reasoning or markers_in_template(tokenizer.chat_template)
-        self.orchestrator = make_orchestrator(self.engine, tokenizer, info, trace)
+        self.orchestrator = make_orchestrator(self.engine, tokenizer, info, trace, self.prompts)
         self.startup_s = time.perf_counter() - t0
         # A fresh engine's first request pays ~2-3 s of one-off warm-up: keep it out of the latencies.
         await self.engine.generate("warmup", [1, 2, 3, 4], SamplingSpec(max_tokens=4))
@@ -269,10 +283,10 @@ class Runner:
 
 
 async def run_jobs(
-    engine: EngineConfig, jobs: Sequence[Job], concurrency: int, desc: str, problems: int
+    engine: EngineConfig, jobs: Sequence[Job], concurrency: int, desc: str, problems: int, prompts: Any = None
 ) -> tuple[list[JobResult], dict[str, Any]]:
     """Start an engine, run every job on it, stop it: the results, and the run's timings."""
-    runner = Runner(engine)
+    runner = Runner(engine, prompts)
     await runner.start()
     try:
         t0 = time.perf_counter()

@@ -53,6 +53,11 @@ class RouterConfig(_Strict):
     complexity_file: str = Field(
         "complexity.yaml", description="Complexity scorer (prompt -> tier); relative to the config file."
     )
+    prompts_file: str | None = Field(
+        None,
+        description="Round prompts per model family; relative to the config file. None: the packaged "
+        "configs/prompts.yaml.",
+    )
     tot_grant_wait_s: float = Field(
         10.0, ge=0.0, le=300.0, description="How long a ToT expansion waits for the cluster's node budget."
     )
@@ -225,6 +230,9 @@ class AppConfig(_Strict):
         cfg.depth_control.domains_file = _resolve(path, cfg.depth_control.domains_file)
         cfg.depth_control.state_dir = _state_dir(path, cfg.depth_control.state_dir)
         cfg.router.complexity_file = _resolve(path, cfg.router.complexity_file)
+        cfg.router.prompts_file = _resolve(
+            path, cfg.router.prompts_file or str(DEFAULT_CONFIG.parent / "prompts.yaml")
+        )
         if cfg.engine.chat_template is not None:
             cfg.engine.chat_template = _resolve(path, cfg.engine.chat_template)
         if cfg.auth.api_keys_file is not None:

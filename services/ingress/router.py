@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.config import AppConfig
+from services.config import DEFAULT_CONFIG, AppConfig
 from services.control.client import Control, DepthClient, RecordsClient
 from services.control.launch import find_control
 from services.ingress import access, chat, responses
@@ -40,6 +40,7 @@ from services.provision import store_client
 from services.reasoning.complexity import ComplexityConfig
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.planning import Admission, RequestPlanner
+from services.reasoning.prompts import PromptFamilies
 from services.reasoning.thinking import markers_in_template
 from services.reasoning.tiers import PlanError, TierTable
 
@@ -81,6 +82,8 @@ class Router:
         self.planner = RequestPlanner(
             TierTable.load(self.cfg.depth_control.tiers_file), complexity, self.domains
         )
+        prompts_file = self.rcfg.prompts_file or str(DEFAULT_CONFIG.parent / "prompts.yaml")
+        self.prompts = PromptFamilies.load(prompts_file).for_model(self.model)
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "", self.cfg.engine.chat_template)
         # A model that thinks natively: its trace becomes reasoning_content (configured or detected).
         self.trace = self.cfg.engine.reasoning or markers_in_template(self.tokenizer.chat_template)
@@ -122,6 +125,7 @@ class Router:
                 trace=self.trace,
                 trace_opened=self.trace is not None and self.tokenizer.opens(self.trace.start),
                 answer_reserve=self.rcfg.answer_reserve_tokens,
+                prompts=self.prompts,
             )
         return self._orchestrator
 

@@ -34,7 +34,7 @@ from services.loop.thinking_tot import run_thinking_tot
 from services.loop.tot_run import grant_all, release_none, run_tot
 from services.reasoning.confidence import round_confidence
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
-from services.reasoning.prompts import Message, round_messages
+from services.reasoning.prompts import DEFAULT_PROMPTS, Message, RoundPrompts, round_messages
 from services.reasoning.pruning import PruneError, fit_transcript
 from services.reasoning.signals import Signals, extract_answer, stable_rounds
 from services.reasoning.thinking import REASONING, TraceMarkers, TraceSplitter, split_trace
@@ -83,8 +83,10 @@ class Orchestrator:
         trace: TraceMarkers | None = None,
         trace_opened: bool = False,
         answer_reserve: int = 128,
+        prompts: RoundPrompts = DEFAULT_PROMPTS,
     ) -> None:
         self._generate = generate
+        self.prompts = prompts  # the served model family's draft and verify instructions
         self._expand = expand
         self._decide = decide
         self._tok = tokenizer
@@ -124,7 +126,7 @@ class Orchestrator:
         return TraceSplitter(self._trace, self._trace_opened) if self._trace else None
 
     def render(self, conversation: Sequence[Message], earlier_rounds: Sequence[str]) -> list[int]:
-        return self._tok.render(round_messages(conversation, earlier_rounds))
+        return self._tok.render(round_messages(conversation, earlier_rounds, self.prompts))
 
     def fits(self, prompt: list[int]) -> bool:
         return len(prompt) + self._min_tokens <= self._max_len
@@ -150,7 +152,7 @@ class Orchestrator:
             if budget <= 0:
                 continue
             try:
-                p = fit_transcript(conversation, history, budget, count)
+                p = fit_transcript(conversation, history, budget, count, self.prompts)
             except PruneError:
                 continue
             info = {"tokens": p.tokens, "condensed": list(p.condensed), "dropped": list(p.dropped)}
@@ -165,7 +167,7 @@ class Orchestrator:
 
     def first_prompt(self, conversation: Sequence[Message]) -> list[int]:
         """Round 0's prompt; raises ContextLengthError when it leaves no room for an answer."""
-        ids = self._tok.render(round_messages(conversation, []))
+        ids = self._tok.render(round_messages(conversation, [], self.prompts))
         if len(ids) + self._min_tokens > self._max_len:
             raise ContextLengthError(len(ids), self._max_len, self._min_tokens)
         return ids
@@ -271,12 +273,12 @@ class Orchestrator:
         next_prompt: list[int] | None = None
         if not loop.guarded(record.signals):
             # Render the next prompt while the verdict comes (an actor call when the plan asks one).
-            next_prompt = self._tok.render(round_messages(conversation, history))
+            next_prompt = self._tok.render(round_messages(conversation, history, self.prompts))
         remote = await asked
         verdict = loop.settle(record, remote)
         if verdict.exit:
             return verdict, None, None
-        prompt = next_prompt or self._tok.render(round_messages(conversation, history))
+        prompt = next_prompt or self._tok.render(round_messages(conversation, history, self.prompts))
         if self.fits(prompt):
             return verdict, prompt, None
         pruned_prompt, pruned = self.prune(conversation, history, sampling.max_tokens)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 
 from services.reasoning.confidence import ANSWER_MARKER
-from services.reasoning.prompts import Message, round_messages
+from services.reasoning.prompts import DEFAULT_PROMPTS, Message, RoundPrompts, round_messages
 from services.reasoning.signals import extract_answer
 
 Count = Callable[[list[Message]], int]
@@ -61,16 +61,24 @@ def condense(index: int, text: str) -> str:
 
 
 def build_messages(
-    conversation: Sequence[Message], rounds: Sequence[str], condensed: Set[int], dropped: Set[int]
+    conversation: Sequence[Message],
+    rounds: Sequence[str],
+    condensed: Set[int],
+    dropped: Set[int],
+    prompts: RoundPrompts = DEFAULT_PROMPTS,
 ) -> list[Message]:
     """round_messages over the rounds that remain: a dropped round is left out of the transcript, which
     removes its assistant message and the verify request after it together."""
     texts = [condense(i, t) if i in condensed else t for i, t in enumerate(rounds) if i not in dropped]
-    return round_messages(conversation, texts)
+    return round_messages(conversation, texts, prompts)
 
 
 def fit_transcript(
-    conversation: Sequence[Message], earlier_rounds: Sequence[str], budget: int, count: Count
+    conversation: Sequence[Message],
+    earlier_rounds: Sequence[str],
+    budget: int,
+    count: Count,
+    prompts: RoundPrompts = DEFAULT_PROMPTS,
 ) -> Pruned:
     """The next round's messages within `budget` tokens; exactly round_messages when they fit.
 
@@ -78,11 +86,11 @@ def fit_transcript(
     need more than `budget`.
     """
     n = len(earlier_rounds)
-    messages = round_messages(conversation, earlier_rounds)
+    messages = round_messages(conversation, earlier_rounds, prompts)
     tokens = count(messages)
     if tokens <= budget:
         return Pruned(messages, tokens, tuple(range(n)), (), ())
-    fit = _Fit(conversation, earlier_rounds, count, messages, tokens)
+    fit = _Fit(conversation, earlier_rounds, count, messages, tokens, prompts)
     older = range(n - 1)  # the latest round never changes
     for i in older:
         if fit.tokens <= budget:
@@ -108,14 +116,15 @@ class _Fit:
         count: Count,
         messages: list[Message],
         tokens: int,
+        prompts: RoundPrompts,
     ) -> None:
-        self._conversation, self._rounds, self._count = conversation, rounds, count
+        self._conversation, self._rounds, self._count, self._prompts = conversation, rounds, count, prompts
         self.messages, self.tokens = messages, tokens
         self.condensed: set[int] = set()
         self.dropped: set[int] = set()
 
     def _try(self, condensed: set[int], dropped: set[int]) -> tuple[list[Message], int]:
-        messages = build_messages(self._conversation, self._rounds, condensed, dropped)
+        messages = build_messages(self._conversation, self._rounds, condensed, dropped, self._prompts)
         return messages, self._count(messages)
 
     def condense(self, i: int) -> None:

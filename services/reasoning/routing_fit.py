@@ -29,6 +29,7 @@ class Trace:
     correct: tuple[bool, ...]
     tokens: tuple[int, ...]
     group: str  # prompts of one problem (its formats) stay on one side of the held-out split
+    answers: tuple[str | None, ...] = ()  # each round's final answer, as extracted
 
     def at(self, rounds: int) -> tuple[bool, int]:
         """Correct, and completion tokens spent, for a chain of `rounds` (or all it ran)."""
