@@ -12,10 +12,10 @@ Every round generates exactly `max_tokens` tokens (`ignore_eos`), and each reque
 its own (no prefix-cache sharing between the two paths). Per request, the per-round time is the
 request's wall time / R; the added time is routed minus direct at the same percentile.
 
-`--keys` runs it twice, on two clusters one after the other: without API keys, then with a keys
-file whose key has request and token limits (high enough never to refuse, so every request is
-counted against them: the router's own window and depth control's cluster-wide one at admission)
-and every request sending that key. It reports both and their difference.
+`--keys` runs it on clusters one after the other, without API keys and with a keys file whose key
+has request and token limits (high enough never to refuse, so every request is counted against
+them: the router's own window and depth control's cluster-wide one at admission) and every request
+sending that key, in ABBA order over `--pairs`. It reports both and their difference.
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ def main(args: argparse.Namespace) -> int:
         res = run_once(args, keys=False)
     else:
         runs: dict[bool, list[dict]] = {False: [], True: []}
-        for keys in abba(max(1, args.pairs)):
+        order = abba(max(1, args.pairs))
+        for keys in order:
             print(
                 f"\ncluster {'with an API key and its limits' if keys else 'without API keys'}:", flush=True
             )
@@ -251,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
         res = {
             **runs[False][0],
             "with_keys": runs[True][0],
-            "order": ["keys" if k else "no keys" for k in abba(max(1, args.pairs))],
+            "order": ["keys" if k else "no keys" for k in order],
             "added_ms_p50_runs": {
                 "without_keys": [r["added_ms_p50"] for r in runs[False]],
                 "with_keys": [r["added_ms_p50"] for r in runs[True]],

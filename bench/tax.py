@@ -257,7 +257,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     tiers = problem_tiers(problems, args.tiers, settings.complexity_file)
     jobs = build_jobs(problems, tiers, table, threshold, args)
     results, timings = await run_jobs(
-        settings.engine, jobs, args.concurrency, "tax bench", len(problems), settings.prompts()
+        settings.engine, jobs, args.concurrency, "tax bench", len(problems), settings.prompts
     )
     res = summarize(problems, tiers, table, threshold, results)
     head = {

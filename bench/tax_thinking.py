@@ -142,7 +142,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     plans = policies(args.segment_tokens, threshold)
     jobs = build_jobs(problems, planner, plans, args.max_tokens)
     results, timings = await run_jobs(
-        settings.engine, jobs, args.concurrency, "thinking tax bench", len(problems), settings.prompts()
+        settings.engine, jobs, args.concurrency, "thinking tax bench", len(problems), settings.prompts
     )
     head = {
         "mode": "thinking",

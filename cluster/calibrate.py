@@ -101,7 +101,7 @@ async def traces(
     ceiling = table.tiers[d.tier].max_rounds
     plan = plan_for(table, d.tier, max_rounds=ceiling, min_rounds=ceiling)  # to the ceiling, no exit
     jobs = [Job(p, "ceiling", plan, greedy(args.max_tokens), f"cal-{p.id}") for p in problems]
-    runner = Runner(settings.engine, settings.prompts())
+    runner = Runner(settings.engine, settings.prompts)
     await runner.start()
     try:
         results = await runner.run_all(jobs, args.concurrency, desc=f"calibrate {args.domain}")

@@ -26,7 +26,8 @@ import yaml
 from cluster.problems import Problem, Source, load_problems
 from cluster.runner import Job, Runner, greedy, plan_for, settings_from_args
 from services.reasoning.complexity import ComplexityConfig, RoutingCalibration
-from services.reasoning.routing_fit import TIERS, RoutingFit, Trace, fit_routing
+from services.reasoning.domains import write_atomic
+from services.reasoning.routing_fit import TIERS, RoutingFit, Trace, depth_effects, fit_routing
 from services.reasoning.tiers import TierTable
 
 # Families at several difficulties: arithmetic, counting, dates, logic (yes/no), number theory.
@@ -95,14 +96,12 @@ def multiple_choice(p: Problem, seed: int) -> Problem | None:
     """The same problem with a lettered options list; a letter or the value scores."""
     rng = random.Random(f"{seed}:{p.id}")
     wrong = _distractors(p.answer, rng)
-    if wrong is None:
+    if wrong is None or p.checker is None:
         return None
     options = [p.answer, *wrong]
     rng.shuffle(options)
     listed = "\n".join(f"{'ABCD'[i]}) {o}" for i, o in enumerate(options))
     question = f"{p.question}\n\nOptions:\n{listed}"
-    if p.checker is None:
-        return None
     return dataclasses.replace(
         p, id=f"{p.id}-mc", question=question, checker=_option_checker(options, p.checker)
     )
@@ -118,7 +117,7 @@ async def _run(args: argparse.Namespace, settings: Any, problems: list[Problem],
     table = TierTable.load(settings.tiers_file)
     plan = plan_for(table, "high", max_rounds=top, min_rounds=top)  # a chain to the ceiling, no exit
     jobs = [Job(p, "ceiling", plan, greedy(args.max_tokens), f"route-{p.id}") for p in problems]
-    runner = Runner(settings.engine, settings.prompts())
+    runner = Runner(settings.engine, settings.prompts)
     await runner.start()
     try:
         results = await runner.run_all(jobs, args.concurrency, desc="calibrate routing")
@@ -134,24 +133,6 @@ async def _run(args: argparse.Namespace, settings: Any, problems: list[Problem],
         )
         for p, res in zip(problems, results, strict=True)
     ]
-
-
-def depth_effects(traces: list[Trace]) -> dict[str, dict[str, float]]:
-    """Per round k >= 2: the share of prompts whose answer round k changed, fixed (wrong -> right)
-    and broke (right -> wrong): what the verification rounds did."""
-    out: dict[str, dict[str, float]] = {}
-    rounds = max((len(t.correct) for t in traces), default=0)
-    for k in range(1, rounds):
-        ts = [t for t in traces if len(t.correct) > k and len(t.answers) > k]
-        if not ts:
-            continue
-        n = len(ts)
-        out[f"round_{k + 1}"] = {
-            "changed": round(sum(t.answers[k] != t.answers[k - 1] for t in ts) / n, 4),
-            "fixed": round(sum(t.correct[k] and not t.correct[k - 1] for t in ts) / n, 4),
-            "broke": round(sum(t.correct[k - 1] and not t.correct[k] for t in ts) / n, 4),
-        }
-    return out
 
 
 def print_fit(fit: RoutingFit) -> None:
@@ -172,10 +153,9 @@ def print_fit(fit: RoutingFit) -> None:
 def save(path: str | Path, fit: RoutingFit, block: RoutingCalibration) -> None:
     cfg = fit.config.model_copy(update={"calibration": block})
     data = ComplexityConfig.model_validate(cfg.model_dump()).model_dump()
-    text = HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(
+        Path(path), HEADER + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -185,13 +165,10 @@ def main(args: argparse.Namespace) -> int:
     problems = prompts(args.problems or 48, args.seed)
     traces = asyncio.run(_run(args, settings, problems, max(ceilings.values())))
     base = ComplexityConfig.load(settings.complexity_file)
-    hand = base.model_copy(
-        update={"weights": ComplexityConfig().weights, "thresholds": ComplexityConfig().thresholds}
-    )
-    fit = fit_routing(traces, ceilings, hand, seed=args.seed, held_out=args.held_out)
+    fit = fit_routing(traces, ceilings, base.hand_set(), seed=args.seed, held_out=args.held_out)
     print_fit(fit)
     effects = depth_effects(traces)
-    print(f"\nround prompts: {settings.prompts().family!r}; what each later round did (share of prompts):")
+    print(f"\nround prompts: {settings.prompts.family!r}; what each later round did (share of prompts):")
     for k, e in effects.items():
         print(f"  {k}: changed {e['changed']:.3f}, fixed {e['fixed']:.3f}, broke {e['broke']:.3f}")
     block = RoutingCalibration(
@@ -208,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.json_path:
         _write_json(
-            args.json_path, traces, fit, block, {"prompts": settings.prompts().family, "rounds": effects}
+            args.json_path, traces, fit, block, {"prompts": settings.prompts.family, "rounds": effects}
         )
     if args.dry_run:
         print("dry run: nothing written")

@@ -108,21 +108,14 @@ class Settings:
     tiers_file: str
     domains_file: str
     complexity_file: str
-    prompts_file: str | None = None  # round prompts per model family (the built-in ones when None)
-
-    def prompts(self) -> Any:
-        """The round prompts of the engine's model family, as the router picks them."""
-        from services.reasoning.prompts import DEFAULT_PROMPTS, PromptFamilies
-
-        if self.prompts_file is None:
-            return DEFAULT_PROMPTS
-        return PromptFamilies.load(self.prompts_file).for_model(self.engine.model)
+    prompts: Any  # the round prompts of the engine's model family, as the router picks them
 
 
 def load_settings(config: str, model: str, *, dtype: str, kv_cache_mib: int, max_model_len: int) -> Settings:
     """The app config's files and engine, re-sized for one in-process engine running a benchmark."""
     from cluster.models import ensure_model
     from services.config import AppConfig
+    from services.reasoning.prompts import PromptFamilies
 
     cfg = AppConfig.load(config)
     engine = cfg.engine.model_copy(
@@ -141,7 +134,7 @@ def load_settings(config: str, model: str, *, dtype: str, kv_cache_mib: int, max
         tiers_file=cfg.depth_control.tiers_file,
         domains_file=cfg.depth_control.domains_file,
         complexity_file=cfg.router.complexity_file,
-        prompts_file=cfg.router.prompts_file,
+        prompts=PromptFamilies.load(cfg.router.prompts_file).for_model(model),
     )
 
 

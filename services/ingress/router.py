@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.config import DEFAULT_CONFIG, AppConfig
+from services.config import AppConfig
 from services.control.client import Control, DepthClient, RecordsClient
 from services.control.launch import find_control
 from services.ingress import access, chat, responses
@@ -82,8 +82,7 @@ class Router:
         self.planner = RequestPlanner(
             TierTable.load(self.cfg.depth_control.tiers_file), complexity, self.domains
         )
-        prompts_file = self.rcfg.prompts_file or str(DEFAULT_CONFIG.parent / "prompts.yaml")
-        self.prompts = PromptFamilies.load(prompts_file).for_model(self.model)
+        self.prompts = PromptFamilies.load(self.rcfg.prompts_file).for_model(self.model)  # resolved at load
         self.tokenizer = HfTokenizer(self.cfg.engine.model_path or "", self.cfg.engine.chat_template)
         # A model that thinks natively: its trace becomes reasoning_content (configured or detected).
         self.trace = self.cfg.engine.reasoning or markers_in_template(self.tokenizer.chat_template)

@@ -198,16 +198,19 @@ class ComplexityConfig(BaseModel):
         with open(path, encoding="utf-8") as f:
             return cls.model_validate(yaml.safe_load(f) or {})
 
+    def hand_set(self) -> ComplexityConfig:
+        """This scorer with the hand-set weights and thresholds (keywords and domains kept), uncalibrated."""
+        defaults = ComplexityConfig()
+        return self.model_copy(
+            update={"weights": defaults.weights, "thresholds": defaults.thresholds, "calibration": None}
+        )
+
     def for_model(self, model: str | None) -> tuple[ComplexityConfig, list[str]]:
         """This scorer as it applies to the served `model`: weights fitted to another model's outcomes
         fall back to the hand-set defaults (keywords and domains kept), with a warning."""
         if model is None or self.calibration is None or self.calibration.model == model:
             return self, []
-        defaults = ComplexityConfig()
-        fallback = self.model_copy(
-            update={"weights": defaults.weights, "thresholds": defaults.thresholds, "calibration": None}
-        )
-        return fallback, [
+        return self.hand_set(), [
             f"the complexity scorer was fitted to {self.calibration.model!r}, not the served {model!r}: "
             "its hand-set weights route requests until `ponder calibrate --routing` runs with this model"
         ]

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.reasoning.complexity import FEATURES, ComplexityConfig, FeatureWeight, Thresholds, score
+from services.reasoning.complexity import (
+    FEATURES,
+    ComplexityConfig,
+    FeatureWeight,
+    Thresholds,
+    extract_features,
+    score,
+)
 
 TIERS = ("low", "medium", "high")  # ordered by cost; critical is a domain's call, not a score's
 MAX_THRESHOLD = 1000.0  # "never": every prompt scores below it
@@ -136,8 +143,6 @@ def fit_routing(
     seed: int,
     held_out: float,
 ) -> RoutingFit:
-    from services.reasoning.complexity import extract_features
-
     if len(traces) < 2:
         raise ValueError("need at least two calibration prompts")
     labels = [label(t, ceilings) for t in traces]
@@ -170,3 +175,21 @@ def fit_routing(
         majority_held_out_accuracy=agree(None),
         policies=policies,
     )
+
+
+def depth_effects(traces: Sequence[Trace]) -> dict[str, dict[str, float]]:
+    """Per round k >= 2: the share of prompts whose answer round k changed, fixed (wrong -> right)
+    and broke (right -> wrong): what the verification rounds did."""
+    out: dict[str, dict[str, float]] = {}
+    rounds = max((len(t.correct) for t in traces), default=0)
+    for k in range(1, rounds):
+        ts = [t for t in traces if len(t.correct) > k and len(t.answers) > k]
+        if not ts:
+            continue
+        n = len(ts)
+        out[f"round_{k + 1}"] = {
+            "changed": round(sum(t.answers[k] != t.answers[k - 1] for t in ts) / n, 4),
+            "fixed": round(sum(t.correct[k] and not t.correct[k - 1] for t in ts) / n, 4),
+            "broke": round(sum(t.correct[k - 1] and not t.correct[k] for t in ts) / n, 4),
+        }
+    return out
