@@ -28,6 +28,8 @@ SCHEMA_FILE = CHART_DIR / "values.schema.json"
 # Paths inside the pods that the chart owns (templates/_helpers.tpl uses the same ones).
 API_KEYS_FILE = "/etc/ponder/api-keys/keys.yaml"
 TIERS_FILE = "/etc/ponder/config/tiers.yaml"
+CHAT_TEMPLATE_FILE = "/etc/ponder/config/chat_template.jinja"
+IMAGE_CONFIGS = REPO_ROOT / "configs"  # both Dockerfiles copy it: relative file names resolve there
 
 
 class HelmToolError(Exception):
@@ -71,15 +73,41 @@ def builder_args(values: dict[str, Any]) -> dict[str, Any]:
         app.setdefault("auth", {})["api_keys_file"] = API_KEYS_FILE
     if values.get("tiers") is not None:
         app.setdefault("depth_control", {})["tiers_file"] = TIERS_FILE
+    if values.get("chatTemplate"):
+        app.setdefault("engine", {})["chat_template"] = CHAT_TEMPLATE_FILE
     return {"app": app}
 
 
+def image_files(cfg: AppConfig) -> list[tuple[str, str]]:
+    """(field, file) of the config's files that resolve in the image's configs/ (relative names)."""
+    files = [
+        ("depth_control.tiers_file", cfg.depth_control.tiers_file),
+        ("depth_control.domains_file", cfg.depth_control.domains_file),
+        ("router.complexity_file", cfg.router.complexity_file),
+        ("router.prompts_file", cfg.router.prompts_file),
+        ("engine.chat_template", cfg.engine.chat_template),
+    ]
+    return [(field, f) for field, f in files if f and not Path(f).is_absolute()]
+
+
+def check_image_files(cfg: AppConfig) -> None:
+    """A relative file the pods would not find fails here, as `from_dict` would fail in the pod."""
+    for field, f in image_files(cfg):
+        if not (IMAGE_CONFIGS / f).is_file():
+            template = field == "engine.chat_template"
+            hint = " (or set chatTemplate in the values to ship one)" if template else ""
+            raise HelmToolError(f"app.{field}: {f} is not in the image's configs/ folder{hint}")
+
+
 def serve_config(values: dict[str, Any]) -> dict[str, Any]:
-    """What the chart's serveConfigV2 must say for these (merged) values."""
+    """What the chart's serveConfigV2 must say for these (merged) values; HelmToolError when a file
+    the app names would not be found in the pods."""
     from services.app import serve_config as app_serve_config
 
     args = builder_args(values)
-    return app_serve_config(AppConfig.model_validate(args["app"]), args)
+    cfg = AppConfig.model_validate(args["app"])
+    check_image_files(cfg)
+    return app_serve_config(cfg, args)
 
 
 def merged_values(value_files: list[Path]) -> dict[str, Any]:

@@ -479,13 +479,14 @@ class KvDataPath:
             dtype=torch.long,
         )
         m = len(targets)
+        grid = ids.view(m, cb)
         tmp = None if region is not None else lay.rows(self._save_scratch((*lay.pre, len(ids), *lay.post)))
         for i, rows in enumerate(self._rows):
             if region is not None:
                 dst = self._strided(*region, m, i).movedim(0, bd)  # [*pre, m, cb, row]
-                index = ids.view(m, cb, 1).expand(dst.shape[bd:])
-                src = rows.unsqueeze(bd + 1).expand(*rows.shape[: bd + 1], cb, rows.shape[-1])
-                torch.gather(src, bd, index.expand(dst.shape), out=dst)
+                # rows[..., ids as [m, cb], :] written straight into the strided slots: the index
+                # kernel copies at memcpy speed here, where an element-wise gather ran ~25% slower.
+                torch.ops.aten.index.Tensor_out(rows, [None] * bd + [grid], out=dst)
             else:
                 torch.index_select(rows, bd, ids, out=tmp)
                 torch._foreach_copy_([lay.rows(t[i]) for _, _, t in targets], list(tmp.split(cb, dim=bd)))

@@ -58,10 +58,20 @@ def sampling(req: ChatRequest, rcfg: RouterConfig) -> SamplingSpec:
     )
 
 
-def plan_request(req: ChatRequest) -> PlanRequest:
+def plan_request(req: ChatRequest, thinks: bool = False) -> PlanRequest:
     """What the request asks of its reasoning, for the planner (services/reasoning/planning.py).
-    OpenAI's `reasoning_effort` names a tier; PlanError when it contradicts `reasoning.tier`."""
+    OpenAI's `reasoning_effort` names a tier; PlanError when it contradicts `reasoning.tier`, and
+    when `thinking_token_budget` asks to bound a trace that will not be written (`thinks`: the
+    served model writes one)."""
     r = req.reasoning or ReasoningOptions()
+    if req.thinking_token_budget is not None and (not thinks or r.mode == "rounds"):
+        why = "this request runs in round mode" if thinks else "the served model does not think"
+        raise PlanError(
+            f"thinking_token_budget bounds a thinking trace, and {why} (thinking mode needs a model "
+            "whose chat template opens a trace, or engine.reasoning markers); bound its rounds with "
+            "reasoning.max_rounds instead",
+            "thinking_token_budget",
+        )
     tier = r.tier
     if req.reasoning_effort is not None:
         if tier is not None and tier != req.reasoning_effort:

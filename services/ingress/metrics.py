@@ -68,7 +68,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Sequence[float] | None]] = {
     "ponder_thinking_tokens_per_request": (
         "histogram",
         "Thinking mode: tokens of the request's trace, by how the trace was closed "
-        "(model, ceiling, confidence, context_limit).",
+        "(the exit reason: trace_closed, ceiling, confidence, stable_answers, context_limit, node_budget).",
         ("tier", "closed_by"),
         THINKING_TOKENS,
     ),

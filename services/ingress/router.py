@@ -135,7 +135,7 @@ class Router:
         sampling = chat.sampling(req, self.rcfg)
         # plan
         try:
-            asked = chat.plan_request(req)
+            asked = chat.plan_request(req, thinks=self.trace is not None)
             planned = self.planner.plan(asked)
         except PlanError as exc:
             raise ApiError(400, str(exc), param=exc.param) from exc

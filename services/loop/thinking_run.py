@@ -162,7 +162,7 @@ async def run_thinking(
         "segments": len(loop.rounds),
         "segment_tokens": plan.segment_tokens,
         "budget": {"min": least, "max": most, "answer_reserve": reserve},
-        "closed_by": "model" if closed_by_model else loop.exit_reason.value,
+        "closed_by": loop.exit_reason.value,  # trace_closed: the model closed it itself
         "answer_cached_tokens": record.cached_tokens,
         "probes": trace.probes,
         "probe_tokens": trace.probe_tokens,

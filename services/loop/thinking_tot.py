@@ -240,7 +240,7 @@ def _outcome(
             "max": most,
             "answer_reserve": reserve,
         },
-        "closed_by": "model" if closed_by_model else reason.value,
+        "closed_by": Reason.TRACE_CLOSED.value if closed_by_model else reason.value,
         "answer_cached_tokens": answer.cached_tokens,
         "probes": tree.probes,
         "probe_tokens": probe_tokens,

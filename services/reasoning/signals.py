@@ -189,19 +189,24 @@ class ExitRule(BaseModel):
             )
         )
 
+    def _confidence_checks(self, signals: Signals) -> list[tuple[bool, str]]:
+        criteria = (
+            ("entropy_confidence", self.min_entropy_confidence, signals.entropy_confidence),
+            ("lowest_group_confidence", self.min_lowest_group_confidence, signals.lowest_group_confidence),
+            ("tail_confidence", self.min_tail_confidence, signals.tail_confidence),
+        )
+        return [_check(name, value, minimum) for name, minimum, value in criteria if minimum is not None]
+
+    def confident(self, signals: Signals) -> bool:
+        """Whether a configured confidence criterion held (not the stable-answers one)."""
+        return any(ok for ok, _ in self._confidence_checks(signals))
+
     def satisfied(self, signals: Signals, stable_rounds: int) -> tuple[bool, list[str]]:
         """Whether the rule holds, and each configured criterion as a short held/failed string.
 
         Unconfigured criteria are ignored; a rule with none configured never holds.
         """
-        checks: list[tuple[bool, str]] = []
-        for name, minimum, value in (
-            ("entropy_confidence", self.min_entropy_confidence, signals.entropy_confidence),
-            ("lowest_group_confidence", self.min_lowest_group_confidence, signals.lowest_group_confidence),
-            ("tail_confidence", self.min_tail_confidence, signals.tail_confidence),
-        ):
-            if minimum is not None:
-                checks.append(_check(name, value, minimum))
+        checks = self._confidence_checks(signals)
         if self.stable_for is not None:
             ok = stable_rounds >= self.stable_for
             checks.append((ok, f"stable_rounds {stable_rounds} {'>=' if ok else '<'} {self.stable_for}"))

@@ -224,6 +224,7 @@ class Reason(StrEnum):
     MIN_ROUNDS = "min_rounds"  # continue: the min-round guard holds
     BELOW_THRESHOLD = "below_threshold"  # continue: not confident enough yet
     CONFIDENCE = "confidence"  # exit: confident enough
+    STABLE = "stable_answers"  # exit: the answer held across rounds (or probes), no confidence criterion did
     CEILING = "ceiling"  # exit: hard round ceiling reached
     CONTEXT = "context_limit"  # exit: the next round would not fit the model's context
     NODE_BUDGET = "node_budget"  # exit (Tree-of-Thought): node budget spent or not granted
@@ -265,8 +266,9 @@ def decide(plan: RoundPlan, rounds_done: int, signals: Signals | float | None) -
     if signals.has_answer is False:
         return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD, ("no final answer",))
     ok, detail = rule.satisfied(signals, signals.stable_rounds)
-    return Verdict(
-        Action.EXIT if ok else Action.CONTINUE,
-        Reason.CONFIDENCE if ok else Reason.BELOW_THRESHOLD,
-        tuple(detail),
-    )
+    if not ok:
+        return Verdict(Action.CONTINUE, Reason.BELOW_THRESHOLD, tuple(detail))
+    # Said apart, so a probe exit is not counted as a confidence exit (online feedback tunes the
+    # confidence threshold on the latter only).
+    reason = Reason.CONFIDENCE if rule.confident(signals) else Reason.STABLE
+    return Verdict(Action.EXIT, reason, tuple(detail))

@@ -225,6 +225,24 @@ def _bad(model):
             "reasoning_effort",
         ),
         (
+            "thinking_token_budget for a model that does not think",
+            {"model": model, "messages": msg, "thinking_token_budget": 64},
+            400,
+            "thinking_token_budget",
+        ),
+        (
+            "thinking_token_budget of 0",
+            {"model": model, "messages": msg, "thinking_token_budget": 0},
+            400,
+            "thinking_token_budget",
+        ),
+        (
+            "thinking_token_budget not an integer",
+            {"model": model, "messages": msg, "thinking_token_budget": "lots"},
+            400,
+            "thinking_token_budget",
+        ),
+        (
             "prompt longer than the context",
             {"model": model, "messages": [{"role": "user", "content": "lorem ipsum " * 3000}]},
             400,
@@ -233,7 +251,7 @@ def _bad(model):
     ]
 
 
-@pytest.mark.parametrize("case", range(20))
+@pytest.mark.parametrize("case", range(23))
 def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(http, app_config, case):
     name, body, status, param = _bad(app_config.engine.model)[case]
     if isinstance(body, bytes):

@@ -78,6 +78,32 @@ def test_thinking_runs_to_its_tier_budget_exactly_then_answers_from_the_cached_t
     assert data["usage"]["completion_tokens_details"]["reasoning_tokens"] == reasoning_tokens
 
 
+def test_critical_thinks_its_whole_budget_and_holds_the_answer_for_review(http, cfg):
+    """Critical (review: true) answers 202 with the proposal; its trace ran the tier's budget exactly."""
+    t = TierTable.load(cfg.depth_control.tiers_file).tiers["critical"]
+    r = http.post("/v1/chat/completions", json=body(cfg, {"tier": "critical", **NEVER}))
+    assert r.status_code == 202, r.text
+    proposed = r.json()["proposed"]
+    thinking = proposed["reasoning"]["thinking"]
+    assert thinking["thinking_tokens"] == t.max_rounds * t.segment_tokens, thinking
+    assert (thinking["segments"], thinking["closed_by"]) == (t.max_rounds, "ceiling"), thinking
+    assert proposed["reasoning_content"].count(TRANSITION) == 1 and "</think>" not in proposed["content"]
+
+
+@pytest.mark.parametrize("effort", ["low", "high"])
+def test_reasoning_effort_names_the_tier_whose_thinking_budget_holds(http, cfg, effort):
+    """OpenAI's reasoning_effort picks the tier; its thinking stays within that tier's budget."""
+    t = TierTable.load(cfg.depth_control.tiers_file).tiers[effort]
+    r = http.post("/v1/chat/completions", json=body(cfg, NEVER, reasoning_effort=effort))
+    assert r.status_code == 200, r.text
+    s = r.json()["reasoning"]
+    assert s["tier"] == effort and s["tier_reason"].startswith("requested"), s
+    thinking = s["thinking"]
+    budget = {"min": t.min_rounds * t.segment_tokens, "max": t.max_rounds * t.segment_tokens}
+    assert {k: thinking["budget"][k] for k in budget} == budget, thinking
+    assert 0 < thinking["thinking_tokens"] <= budget["max"], thinking
+
+
 def test_thinking_token_budget_is_a_hard_cap_in_tokens_and_a_bad_one_is_a_400(http, cfg):
     r = http.post(
         "/v1/chat/completions", json=body(cfg, {"tier": "medium", **NEVER}, thinking_token_budget=40)
@@ -131,7 +157,7 @@ def test_probes_ask_the_closed_trace_and_never_enter_it(http, cfg):
     probes = t["probes"]
     assert [p["segment"] for p in probes] == [1, 2]  # none after the last segment (4th) can count
     agree = probes[0]["answer"] is not None and probes[0]["answer"] == probes[1]["answer"]
-    assert (t["segments"], t["closed_by"]) == ((3, "confidence") if agree else (4, "ceiling")), probes
+    assert (t["segments"], t["closed_by"]) == ((3, "stable_answers") if agree else (4, "ceiling")), probes
     assert all(0 < p["tokens"] <= 8 for p in probes) and t["probe_tokens"] == sum(p["tokens"] for p in probes)
     assert (
         "I now have enough" not in msg["reasoning_content"]

@@ -57,3 +57,16 @@ def test_prefix_reuse_counts_shared_prefix_of_later_rounds():
         res["from_store"] == round(64 / 290, 4) and res["worker_switches"] == 1 and res["later_rounds"] == 2
     )
     assert reuse_of([[r]])["prefix_reuse_fraction"] is None
+
+
+def test_the_served_measurements_start_on_a_state_folder_of_their_own():
+    """The served part (`ponder bench kv` without --no-serve) starts the app with this config: depth
+    control must find its state file there (a None state_dir once failed every served run), and it
+    is never the user's."""
+    from bench.kv_serve import serve_cfg
+    from services.config import ponder_home
+    from services.control.records import state_path
+
+    cfg = serve_cfg(store=True, workers=2)
+    path = state_path(cfg.depth_control)
+    assert path.parent.is_dir() and not path.is_relative_to(ponder_home())

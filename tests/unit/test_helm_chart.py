@@ -93,7 +93,7 @@ VALUE_SETS = {
 
 
 def test_examples_exist():
-    assert {p.stem for p in EXAMPLES} >= {"multi-gpu-nodes", "cpu"}
+    assert {p.stem for p in EXAMPLES} >= {"multi-gpu-nodes", "cpu", "thinking-cpu"}
 
 
 @pytest.mark.parametrize("name", ["defaults", *[p.stem for p in EXAMPLES]])
@@ -359,6 +359,36 @@ def test_tier_table_configmap_is_a_valid_table_at_the_path_the_app_reads(chart):
         mount = [m for m in _container(group)["volumeMounts"] if m["name"] == "config"][0]
         assert f"{mount['mountPath']}/tiers.yaml" == chart_py.TIERS_FILE
         assert "ponder.io/tiers-checksum" in group["template"]["metadata"]["annotations"]
+
+
+def test_a_chat_template_in_the_values_is_mounted_and_served(chart):
+    """chatTemplate ships a template the image lacks: the ConfigMap holds it, every pod mounts it
+    where app.engine.chat_template points, and a change rolls the cluster."""
+    template = (REPO_ROOT / "configs/templates/chatml-think.jinja").read_text()
+    values = {**VALUE_SETS["thinking-cpu"], "chatTemplate": template}
+    objects = _render(chart, values)
+    (cm,) = [c for c in objects["ConfigMap"] if c["metadata"]["name"].endswith("-config")]
+    assert cm["data"]["chat_template.jinja"].strip() == template.strip() and "tiers.yaml" not in cm["data"]
+    head, workers = _head_and_workers(objects)
+    for group in [head, *workers]:
+        mount = [m for m in _container(group)["volumeMounts"] if m["name"] == "config"][0]
+        assert f"{mount['mountPath']}/chat_template.jinja" == chart_py.CHAT_TEMPLATE_FILE
+        assert "ponder.io/chat-template-checksum" in group["template"]["metadata"]["annotations"]
+    app = yaml.safe_load(objects["RayService"][0]["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["app"]["engine"]["chat_template"] == chart_py.CHAT_TEMPLATE_FILE
+    assert app == chart_py.serve_config(chart.merge_values(values))["applications"][0]
+
+
+def test_a_file_the_image_does_not_ship_is_refused_before_install(chart):
+    """A relative file name resolves in the image's configs/: one that is not there fails at
+    `ponder helm serve-config`, not later in a pod."""
+    values = {"app": {"engine": {"chat_template": "templates/mine.jinja"}}}
+    refused = "engine.chat_template: templates/mine.jinja.*chatTemplate"
+    with pytest.raises(chart_py.HelmToolError, match=refused):
+        chart_py.serve_config(chart.merge_values(values))
+    values = {"app": {"depth_control": {"tiers_file": "tiers-typo.yaml"}}}
+    with pytest.raises(chart_py.HelmToolError, match="depth_control.tiers_file"):
+        chart_py.serve_config(chart.merge_values(values))
 
 
 def test_dashboard_configmap_is_the_dashboard_file(chart):

@@ -120,7 +120,7 @@ def test_confidence_ends_thinking_after_the_least_thinking():
 def test_a_trace_the_model_closes_itself_is_closed_once_without_the_transition():
     engine = Thinker([UNSURE], closes_at=1)
     out = run(engine, plan(min_rounds=1, max_rounds=5))[-1].outcome
-    assert segments(engine) == [8, 8] and out.thinking["closed_by"] == "model"
+    assert segments(engine) == [8, 8] and out.thinking["closed_by"] == "trace_closed"
     answer_prompt = CharTokenizer().decode(engine.calls[-1][1])
     assert answer_prompt.count("</think>") == 1 and answer_prompt.count("<think>") == 1
     assert answer_prompt.endswith("x" * 11 + "</think>\n") and TRANSITION not in out.reasoning_content
@@ -217,8 +217,9 @@ def test_probes_that_agree_end_thinking_and_never_enter_the_trace(answers, segme
     assert (
         out.reasoning_content.count("x") == 8 * segments_run and "Final answer" not in out.reasoning_content
     )
-    expected = "stable_for" if segments_run < 6 else "ceiling"
-    assert out.exit_reason.value == ("confidence" if expected == "stable_for" else "ceiling")
+    # a stable-answers rule ends on agreeing probes, said apart from a confidence exit
+    expected = "stable_answers" if segments_run < 6 else "ceiling"
+    assert out.exit_reason.value == out.thinking["closed_by"] == expected
     # the answer's prompt is the trace, closed: no probe text in it
     answer_prompt = CharTokenizer().decode(engine.calls[-1][1])
     assert "I now have enough" not in answer_prompt and answer_prompt.count("</think>") == 1
@@ -236,7 +237,7 @@ def test_probes_start_where_their_answers_can_first_count_and_stop_before_the_ce
     out = run(engine, stable_plan(min_rounds=4, max_rounds=6))[-1].outcome
     # min 4 segments, stable_for 2: the probe after segment 2 is the first that can count
     assert [p["segment"] for p in out.thinking["probes"]] == [2, 3]
-    assert out.thinking["segments"] == 4 and out.exit_reason.value == "confidence"
+    assert out.thinking["segments"] == 4 and out.exit_reason.value == "stable_answers"
     engine = Prober([UNSURE], ["5"])
     out = run(engine, stable_plan(probe=0))[-1].outcome  # a tier without probes: none
     assert out.thinking["probes"] == [] and out.thinking["segments"] == 6

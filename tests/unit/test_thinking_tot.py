@@ -136,7 +136,7 @@ def test_a_segment_whose_model_closed_its_trace_is_finished_not_expanded():
     closed = 3  # node 1's first child
     assert all(not rid.endswith(f"-n{closed}") for rid, *_ in engine.expansions)
     # as sure as the others and deepest-oldest among them: the closed trace answers, as its model closed it
-    assert out.tot["best_path"] == [1, closed] and out.thinking["closed_by"] == "model"
+    assert out.tot["best_path"] == [1, closed] and out.thinking["closed_by"] == "trace_closed"
     assert (
         TRANSITION not in out.reasoning_content and out.thinking["thinking_tokens"] == 8 + 3
     )  # 2 + the marker token

@@ -101,7 +101,7 @@ def test_exit_rule_any_exits_on_a_stable_answer_all_needs_both():
     any_plan = RoundPlan("medium", 3, 4, 0.82, exit_rule={"stable_for": 2, "mode": "any"})
     all_plan = RoundPlan("critical", 5, 6, 0.9, exit_rule={"stable_for": 2, "mode": "all"})
     v = decide(any_plan, 3, unsure_but_stable)
-    assert v.reason is Reason.CONFIDENCE and "stable_rounds 2 >= 2" in v.detail
+    assert v.reason is Reason.STABLE and "stable_rounds 2 >= 2" in v.detail  # held by stability alone
     assert decide(any_plan, 3, sure_not_stable).reason is Reason.CONFIDENCE
     assert decide(all_plan, 5, unsure_but_stable).reason is Reason.BELOW_THRESHOLD
     assert decide(all_plan, 5, sure_not_stable).reason is Reason.BELOW_THRESHOLD

@@ -37,6 +37,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/* Paths the chart owns inside the pods; cluster/helm.py uses the same ones. */}}
 {{- define "ponder.apiKeysFile" -}}/etc/ponder/api-keys/keys.yaml{{- end }}
 {{- define "ponder.tiersFile" -}}/etc/ponder/config/tiers.yaml{{- end }}
+{{- define "ponder.chatTemplateFile" -}}/etc/ponder/config/chat_template.jinja{{- end }}
+{{/* The config ConfigMap (tiers, chat template) exists and is mounted: "true" or "". */}}
+{{- define "ponder.configEnabled" -}}{{ if or .Values.tiers .Values.chatTemplate }}true{{ end }}{{- end }}
 
 {{- define "ponder.apiKeysEnabled" -}}
 {{- if or .Values.apiKeys.existingSecret .Values.apiKeys.keys }}true{{ end }}
@@ -57,6 +60,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.tiers }}
 {{- if not (hasKey $app "depth_control") }}{{ $_ := set $app "depth_control" dict }}{{ end }}
 {{- $_ := set $app.depth_control "tiers_file" (include "ponder.tiersFile" .) }}
+{{- end }}
+{{- if .Values.chatTemplate }}
+{{- if not (hasKey $app "engine") }}{{ $_ := set $app "engine" dict }}{{ end }}
+{{- $_ := set $app.engine "chat_template" (include "ponder.chatTemplateFile" .) }}
 {{- end }}
 {{- toYaml (dict "app" $app) }}
 {{- end }}
@@ -163,7 +170,7 @@ applications:
 - name: kv-disk
   mountPath: {{ .Values.kvDisk.mountPath }}
 {{- end }}
-{{- if .Values.tiers }}
+{{- if include "ponder.configEnabled" . }}
 - name: config
   mountPath: /etc/ponder/config
   readOnly: true
@@ -206,7 +213,7 @@ applications:
             storage: {{ printf "%dGi" (int $ctx.Values.kvDisk.sizeGiB) }}
   {{- end }}
 {{- end }}
-{{- if $ctx.Values.tiers }}
+{{- if include "ponder.configEnabled" $ctx }}
 - name: config
   configMap:
     name: {{ include "ponder.fullname" $ctx }}-config
@@ -296,10 +303,13 @@ securityContext:
 {{- end }}
 {{- end }}
 
-{{/* Changing the tier table or the keys rolls a new Ray cluster (KubeRay's zero-downtime upgrade). */}}
+{{/* Changing the tier table, the chat template or the keys rolls a new Ray cluster (KubeRay's zero-downtime upgrade). */}}
 {{- define "ponder.podAnnotations" -}}
 {{- if .Values.tiers }}
 ponder.io/tiers-checksum: {{ toYaml .Values.tiers | sha256sum | trunc 16 }}
+{{- end }}
+{{- if .Values.chatTemplate }}
+ponder.io/chat-template-checksum: {{ .Values.chatTemplate | sha256sum | trunc 16 }}
 {{- end }}
 {{- if .Values.apiKeys.keys }}
 ponder.io/api-keys-checksum: {{ toYaml .Values.apiKeys.keys | sha256sum | trunc 16 }}
