@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from cluster.models import DEFAULT_MODEL, ensure_model
+from cluster.models import SMALL_MODEL, ensure_model
 
 BLOCK = 32
 CHUNK = 256  # the connector's default store unit
@@ -107,7 +107,7 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
     from services.worker.engine_config import EngineConfig
     from services.worker.vllm_engine import VllmEngine
 
-    path = str(ensure_model(DEFAULT_MODEL))
+    path = str(ensure_model(SMALL_MODEL))
     slot = slot_bytes_for(block_payload_bytes(path, CHUNK))
     kv_namespace = KvConnectorConfig.model_fields["namespace"].default  # where the connector looks
     ray.init(
@@ -122,13 +122,13 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
         ).values()
         ray.get(shard.stats.remote())  # the shard is up before the engine looks for it
         kv = KvConnectorConfig(
-            model=DEFAULT_MODEL,
+            model=SMALL_MODEL,
             ray_address=ray.get_runtime_context().gcs_address,
             transport=transport,
             chunk_tokens=CHUNK,
         )
         cfg = EngineConfig(
-            model=DEFAULT_MODEL,
+            model=SMALL_MODEL,
             model_path=path,
             max_model_len=4096,
             kv_cache_memory_bytes=256 << 20,
@@ -188,7 +188,7 @@ async def _restore(trials: int, progress, transport: str = "nixl", ray_metrics: 
             )
         med = statistics.median
         sample = ray.get(
-            shard.get.remote(block_hashes(model_key(DEFAULT_MODEL, "bfloat16", BLOCK, CHUNK), nxt, CHUNK))
+            shard.get.remote(block_hashes(model_key(SMALL_MODEL, "bfloat16", BLOCK, CHUNK), nxt, CHUNK))
         )
         return {
             **compression_of(sample),
@@ -326,6 +326,7 @@ def serve_cfg(store: bool, workers: int = 1):
     from services.config import DEFAULT_CONFIG, AppConfig
 
     cfg = AppConfig.load(DEFAULT_CONFIG)
+    cfg.engine.model = SMALL_MODEL  # the store is measured, not the model: the small one
     cfg.engine.model_path = str(ensure_model(cfg.engine.model))
     cfg.engine.max_model_len = 4096
     cfg.engine.kv_cache_memory_bytes = 256 << 20

@@ -118,10 +118,11 @@ def render(timeline: list[tuple[float, dict]], png: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from cluster.local import free_port, running
-    from cluster.models import ensure_model
+    from cluster.models import SMALL_MODEL, ensure_model
     from services.config import DEFAULT_CONFIG, AppConfig
 
     cfg = AppConfig.load(DEFAULT_CONFIG)
+    cfg.engine.model = SMALL_MODEL  # the system is observed, not the model: the small one
     cfg.engine.model_path = str(ensure_model(cfg.engine.model))
     cfg.depth_control.state_dir = tempfile.mkdtemp(prefix="ponder-observe-state-")  # not the user's
     cfg.ray.dashboard = False

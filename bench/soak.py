@@ -184,6 +184,14 @@ def engine_state(cfg, metrics_port: int, after: bool) -> dict:
     return {**gauges, **probe.engine_stats(cfg.app_name, cfg.worker.num_replicas)}
 
 
+def served_model(url: str, api_key: str | None) -> str:
+    """The model the app at `url` serves (its /v1/models), whichever config started it."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
 def run(cfg, url: str, args: argparse.Namespace, metrics_port: int, log=print) -> dict:
     """The load and the checks against an app serving at `url` (this process joined its cluster)."""
     if urlparse(url).hostname not in LOOPBACK:
@@ -191,7 +199,7 @@ def run(cfg, url: str, args: argparse.Namespace, metrics_port: int, log=print) -
     before = probe.cluster_state(args.address, cfg.depth_control)
     before["state_file_bytes"] = probe.state_file_bytes(cfg.depth_control.state_dir)
     before["engine"] = engine_state(cfg, metrics_port, after=False)
-    load = Load(url, cfg.engine.model, args.sessions, args.seed, args.max_tokens, args.api_key)
+    load = Load(url, served_model(url, args.api_key), args.sessions, args.seed, args.max_tokens, args.api_key)
     sampler = Sampler(load, cfg.depth_control, args.sample_s, args.progress_s, log)
     log(f"load: {args.sessions} sessions for {args.minutes} min (warm-up {args.warmup_s:g} s excluded)")
     threads = load.start(args.minutes * 60.0)
@@ -263,7 +271,7 @@ def write(res: dict, path: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from cluster.local import free_port, running
-    from cluster.models import ensure_model
+    from cluster.models import SMALL_MODEL, ensure_model
     from services.config import DEFAULT_CONFIG, AppConfig
 
     cfg = AppConfig.load(args.config or DEFAULT_CONFIG)
@@ -276,6 +284,8 @@ def main(args: argparse.Namespace) -> int:
             connect(args.address, cfg.depth_control.namespace, log_to_driver=False, logging_level="ERROR")
         res = run(cfg, args.url, args, args.metrics_port)
     else:
+        if not args.config:
+            cfg.engine.model = SMALL_MODEL  # the system is soaked, not the model: the small one
         cfg.engine.model_path = str(ensure_model(cfg.engine.model))
         cfg.depth_control.state_dir = tempfile.mkdtemp(prefix="ponder-soak-state-")  # not the user's
         cfg.ray.dashboard = False

@@ -98,12 +98,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- jobs
 
 
-def problem_tiers(problems: list[Problem], mode: str, complexity_file: str) -> list[str]:
+def problem_tiers(problems: list[Problem], mode: str, complexity_file: str, model: str) -> list[str]:
+    """Each problem's tier: its difficulty level's, or the scorer's as the router would pick it for
+    this model (weights fitted to another model fall back to the hand-set ones, with a warning)."""
     if mode == "difficulty":
         return [p.tier or "medium" for p in problems]
     from services.reasoning.complexity import ComplexityConfig, pick_tier
 
-    cfg = ComplexityConfig.load(complexity_file)
+    cfg, warnings = ComplexityConfig.load(complexity_file).for_model(model)
+    for w in warnings:
+        print(f"warning: {w}")
     return [pick_tier(None, p.question, cfg)[0] for p in problems]
 
 
@@ -252,9 +256,13 @@ def replay_exit(fixed: JobResult, plan: RoundPlan) -> int:
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from_args(args)
     table = TierTable.load(settings.tiers_file)
-    threshold = DomainRegistry.load(settings.domains_file).threshold_for(EXIT_DOMAIN)
+    # The router's threshold: a calibration of another model does not apply (DomainRegistry.for_model).
+    domains, warnings = DomainRegistry.load(settings.domains_file).for_model(settings.engine.model)
+    for w in warnings:
+        print(f"warning: {w}")
+    threshold = domains.threshold_for(EXIT_DOMAIN)
     problems = load_problems(args.suite, args.problems, args.seed)
-    tiers = problem_tiers(problems, args.tiers, settings.complexity_file)
+    tiers = problem_tiers(problems, args.tiers, settings.complexity_file, settings.engine.model)
     jobs = build_jobs(problems, tiers, table, threshold, args)
     results, timings = await run_jobs(
         settings.engine, jobs, args.concurrency, "tax bench", len(problems), settings.prompts

@@ -131,10 +131,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = settings_from_args(args)
     if settings.engine.reasoning is None and settings.engine.chat_template is None:
         raise SystemExit(f"--mode thinking: {args.config} gives the model no thinking template or markers")
-    domains = DomainRegistry.load(settings.domains_file)
-    planner = RequestPlanner(
-        TierTable.load(settings.tiers_file), ComplexityConfig.load(settings.complexity_file), domains
-    )
+    # As the router builds its planner: evidence and fitted weights apply only to their own model.
+    model = settings.engine.model
+    domains, warnings = DomainRegistry.load(settings.domains_file).for_model(model)
+    complexity, more = ComplexityConfig.load(settings.complexity_file).for_model(model)
+    for w in [*warnings, *more]:
+        print(f"warning: {w}")
+    planner = RequestPlanner(TierTable.load(settings.tiers_file), complexity, domains)
     threshold = args.threshold
     if threshold is None:
         threshold = domains.threshold_for(EXIT_DOMAIN)

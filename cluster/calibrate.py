@@ -1,4 +1,5 @@
 """`ponder calibrate --domain D`: set a domain's confidence-exit threshold from warm-up problems;
+`ponder calibrate --tot --domain D`: whether Tree-of-Thought pays there (cluster/calibrate_tot.py);
 `ponder calibrate --routing`: fit the tier scorer to outcomes (cluster/calibrate_routing.py).
 
 The domain's warm-up problems (configs/domains.yaml, reasoning-gym) run greedily to the ceiling of the
@@ -31,6 +32,7 @@ from services.reasoning.domains import (
     TraceRound,
     calibrate,
     save_calibration,
+    save_tot_evidence,
 )
 from services.reasoning.tiers import TierTable
 
@@ -46,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from services.config import DEFAULT_CONFIG
 
     p.add_argument("--domain", help="domain whose exit threshold to calibrate (configs/domains.yaml)")
+    p.add_argument(
+        "--tot",
+        action="store_true",
+        help="with --domain: measure Tree-of-Thought against a chain to the same tier's ceiling on the "
+        "domain's warm-up problems and write the evidence (the domain's tot block)",
+    )
     add_routing_arguments(p)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="app config YAML (names the domains file)")
     p.add_argument("--problems", type=int, help="warm-up problems in all (default: the warm-up sizes)")
@@ -115,6 +123,8 @@ def main(args: argparse.Namespace) -> int:
 
     if bool(args.domain) == bool(args.routing):
         raise CalibrateError("give either --domain NAME (an exit threshold) or --routing (the tier scorer)")
+    if args.tot and not args.domain:
+        raise CalibrateError("--tot measures one domain: give --domain NAME")
     if args.routing:
         from cluster import calibrate_routing
 
@@ -127,6 +137,8 @@ def main(args: argparse.Namespace) -> int:
     args.model = args.model or default_model()
     settings = settings_from_args(args)
     table = TierTable.load(settings.tiers_file)
+    if args.tot:
+        return _tot(args, settings, d, table)
     tier = table.tiers[d.tier]
     res = calibrate(
         asyncio.run(traces(args, settings, d, table)),
@@ -143,4 +155,21 @@ def main(args: argparse.Namespace) -> int:
     else:
         save_calibration(settings.domains_file, args.domain, res, args.model)
         print(f"wrote domain {args.domain!r} threshold and calibration to {settings.domains_file}")
+    return 0
+
+
+def _tot(args: argparse.Namespace, settings: Any, d: Domain, table: TierTable) -> int:
+    from cluster import calibrate_tot
+
+    try:
+        calibrate_tot.tot_tier(table)
+    except ValueError as e:
+        raise CalibrateError(f"{e} ({settings.tiers_file})") from e
+    evidence = calibrate_tot.measure(args, settings, d, table)
+    calibrate_tot.print_evidence(args.domain, evidence)
+    if args.dry_run:
+        print("dry run: nothing written")
+    else:
+        save_tot_evidence(settings.domains_file, args.domain, evidence)
+        print(f"wrote domain {args.domain!r} Tree-of-Thought evidence to {settings.domains_file}")
     return 0

@@ -97,9 +97,9 @@ def tot_summary(outcome: Outcome) -> dict[str, Any] | None:
 
 def default_model() -> str:
     """Qwen2.5-Coder-0.5B when provisioned (graded accuracy on arithmetic), else SmolLM2."""
-    from cluster.models import DEFAULT_MODEL, is_installed
+    from cluster.models import SMALL_MODEL, is_installed
 
-    return QWEN if is_installed(QWEN) else DEFAULT_MODEL
+    return QWEN if is_installed(QWEN) else SMALL_MODEL
 
 
 @dataclass(frozen=True)

@@ -469,7 +469,7 @@ class KvDataPath:
 
     def _fill_from_cache(self, job: _SaveJob, targets: list, region: tuple | None) -> list[list[memoryview]]:
         """CPU: one gather per layer of the wanted chunks' blocks, written into the leases' payloads:
-        straight into them when they lie at one stride in one buffer (a single-pass `gather`), else
+        straight into them when they lie at one stride in one buffer (a single-pass indexed copy), else
         through a scratch tensor. Returns each target's payload pieces, to be hashed by every hashing
         thread afterwards: hashing layers while others are copied (in other threads, or in this one
         just after each copy) was measured slower on 2 cores."""

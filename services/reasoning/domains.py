@@ -43,6 +43,9 @@ HEADER = """\
 # warmup: reasoning-gym datasets that `ponder calibrate --domain D` runs to the ceiling of `tier`;
 #   calibrate rewrites this file (threshold + calibration block), keeping this header only, so keep
 #   notes here, not beside the values.
+# tot: whether Tree-of-Thought beat a chain of the tier's ceiling on the warm-up problems, written
+#   by `ponder calibrate --tot --domain D`; only then does a request that did not ask for ToT get it.
+#   calibration and tot name their model: another served model ignores them (with a warning).
 # Online feedback (POST feedback) may only raise a threshold (domains.online_threshold).
 """
 
@@ -364,6 +367,45 @@ def save_calibration(
     domains[domain] = domains[domain].model_copy(
         update={"threshold": threshold, "calibration": block.model_copy(update={"threshold": threshold})}
     )
+    new = DomainRegistry.model_validate(registry.model_copy(update={"domains": domains}).model_dump())
+    write_atomic(path, dump(new))
+    return new
+
+
+def tot_evidence(
+    tot: Sequence[tuple[bool, int]], chain: Sequence[tuple[bool, int]], model: str, *, at: str | None = None
+) -> TotEvidence:
+    """Evidence from the same problems run both ways: (correct, completion tokens) per problem.
+
+    ToT pays when it answers more problems right than the chain, or as many with fewer tokens: the
+    chain runs the tier's ceiling, the most a chain of that tier may spend."""
+    if not tot or len(tot) != len(chain):
+        raise ValueError(f"need the same problems both ways; got {len(tot)} ToT and {len(chain)} chain runs")
+    n = len(tot)
+    acc_tot, acc_chain = sum(c for c, _ in tot) / n, sum(c for c, _ in chain) / n
+    tok_tot, tok_chain = sum(t for _, t in tot) / n, sum(t for _, t in chain) / n
+    pays = acc_tot > acc_chain or (acc_tot == acc_chain and tok_tot < tok_chain)
+    return TotEvidence(
+        pays=pays,
+        accuracy_tot=round(acc_tot, 4),
+        accuracy_chain=round(acc_chain, 4),
+        tokens_tot=round(tok_tot, 1),
+        tokens_chain=round(tok_chain, 1),
+        n_problems=n,
+        model=model,
+        at=at or dt.date.today().isoformat(),
+    )
+
+
+def save_tot_evidence(path: str | Path, domain: str, evidence: TotEvidence) -> DomainRegistry:
+    """Write the domain's Tree-of-Thought evidence to the registry file, atomically (as
+    `save_calibration`: the file is re-dumped from the validated registry)."""
+    path = Path(path)
+    registry = DomainRegistry.load(path)
+    if domain not in registry.domains:
+        raise ValueError(f"unknown domain {domain!r}")
+    domains = dict(registry.domains)
+    domains[domain] = domains[domain].model_copy(update={"tot": evidence})
     new = DomainRegistry.model_validate(registry.model_copy(update={"domains": domains}).model_dump())
     write_atomic(path, dump(new))
     return new

@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.local import free_port, running
-from cluster.models import DEFAULT_MODEL, ensure_model
+from cluster.models import SMALL_MODEL, ensure_model
 from services.config import DEFAULT_CONFIG, AppConfig
 
 
@@ -12,8 +12,8 @@ def app_config(tmp_path_factory) -> AppConfig:
     cfg = AppConfig.load(DEFAULT_CONFIG)
     # Durable control state (reviews, feedback, budgets) in a fresh folder, never the user's.
     cfg.depth_control.state_dir = str(tmp_path_factory.mktemp("ponder-state"))
-    cfg.engine.model = DEFAULT_MODEL
-    cfg.engine.model_path = str(ensure_model(DEFAULT_MODEL))
+    cfg.engine.model = SMALL_MODEL
+    cfg.engine.model_path = str(ensure_model(SMALL_MODEL))
     cfg.engine.max_model_len = 2048
     cfg.engine.kv_cache_memory_bytes = 128 << 20
     cfg.ray.dashboard = False

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from cluster.local import free_port, running
-from cluster.models import DEFAULT_MODEL, ensure_model
+from cluster.models import SMALL_MODEL, ensure_model
 from services.config import AppConfig
 from services.reasoning.thinking import TRANSITION
 from services.reasoning.tiers import TierTable
@@ -26,7 +26,7 @@ NEVER = {"confidence_threshold": 1.0}  # no segment is that sure: thinking runs 
 def cfg(tmp_path_factory) -> AppConfig:
     cfg = AppConfig.load(CONFIG)
     cfg.depth_control.state_dir = str(tmp_path_factory.mktemp("state"))
-    cfg.engine.model_path = str(ensure_model(DEFAULT_MODEL))
+    cfg.engine.model_path = str(ensure_model(SMALL_MODEL))
     cfg.engine.max_model_len = 2048
     cfg.engine.kv_cache_memory_bytes = 128 << 20
     cfg.ray.dashboard, cfg.ray.num_cpus = False, 4

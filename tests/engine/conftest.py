@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.models import DEFAULT_MODEL, ensure_model
+from cluster.models import SMALL_MODEL, ensure_model
 from services.worker.engine_config import EngineConfig, MiB
 from services.worker.vllm_engine import VllmEngine
 
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    return ensure_model(DEFAULT_MODEL)  # provisions it if missing (idempotent, fast when present)
+    return ensure_model(SMALL_MODEL)  # provisions it if missing (idempotent, fast when present)
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def loop() -> Iterator[asyncio.Runner]:
 @pytest.fixture(scope="session")
 def engine(loop: asyncio.Runner, model_dir: Path) -> Iterator[VllmEngine]:
     config = EngineConfig(
-        model=DEFAULT_MODEL, model_path=str(model_dir), kv_cache_memory_bytes=128 * MiB, max_model_len=2048
+        model=SMALL_MODEL, model_path=str(model_dir), kv_cache_memory_bytes=128 * MiB, max_model_len=2048
     )
     eng = VllmEngine(config, str(model_dir))
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ PROMPT = "The answer to 17 + 25 is"
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    return models.ensure_model(models.DEFAULT_MODEL)
+    return models.ensure_model(models.SMALL_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -71,9 +71,9 @@ def _json(path: Path) -> dict[str, Any]:
 def test_smollm2_pull_is_complete_and_loads_in_transformers(smollm2: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    assert models.is_installed(models.DEFAULT_MODEL)
+    assert models.is_installed(models.SMALL_MODEL)
     marker = _json(smollm2 / models.MARKER)
-    assert marker["gguf_sha256"] == models.REGISTRY[models.DEFAULT_MODEL].sha256
+    assert marker["gguf_sha256"] == models.REGISTRY[models.SMALL_MODEL].sha256
 
     config = AutoConfig.from_pretrained(smollm2)
     assert config.model_type == "llama" and config.num_hidden_layers == 30
@@ -92,7 +92,7 @@ def test_smollm2_pull_is_complete_and_loads_in_transformers(smollm2: Path) -> No
 
 def test_ensure_model_is_fast_when_installed(smollm2: Path, tiny: Path) -> None:
     t0 = time.monotonic()
-    assert models.ensure_model(models.DEFAULT_MODEL) == smollm2
+    assert models.ensure_model(models.SMALL_MODEL) == smollm2
     assert models.ensure_model(models.TINY_MODEL) == tiny
     assert time.monotonic() - t0 < 0.5
 

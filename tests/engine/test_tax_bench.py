@@ -122,10 +122,34 @@ def test_calibrate_runs_and_writes_the_domain_threshold(tmp_path, capsys):
     assert math["calibration"]["model"] == TINY_MODEL and math["calibration"]["n_problems"] == 3
 
 
-@pytest.mark.parametrize("extra", [[], ["--domain", "math", "--routing"]])
+def test_calibrate_tot_writes_the_domains_tree_of_thought_evidence(tmp_path, capsys):
+    """`ponder calibrate --tot` end to end on the tiny model: the warm-up problems run as the ToT tier's
+    tree and as a chain to its ceiling; the evidence lands in the domain (a copy of the configs)."""
+    import shutil
+
+    import yaml
+
+    from services.config import DEFAULT_CONFIG
+
+    configs = tmp_path / "configs"
+    shutil.copytree(Path(DEFAULT_CONFIG).parent, configs)
+    argv = ["calibrate", "--tot", "--domain", "math", "--config", str(configs / Path(DEFAULT_CONFIG).name)]
+    argv += ["--model", TINY_MODEL, "--problems", "2", "--max-tokens", "8", "--kv-cache-mib", "128"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Tree-of-Thought vs a chain" in out and "wrote domain 'math' Tree-of-Thought evidence" in out
+    tot = yaml.safe_load((configs / "domains.yaml").read_text())["domains"]["math"]["tot"]
+    assert tot["model"] == TINY_MODEL and tot["n_problems"] == 2
+    assert tot["tokens_tot"] > 0 and tot["tokens_chain"] > 0
+    more, same = tot["accuracy_tot"] > tot["accuracy_chain"], tot["accuracy_tot"] == tot["accuracy_chain"]
+    assert tot["pays"] == (more or (same and tot["tokens_tot"] < tot["tokens_chain"]))
+
+
+@pytest.mark.parametrize("extra", [[], ["--domain", "math", "--routing"], ["--tot"]])
 def test_calibrate_wants_a_domain_or_routing_not_both(extra, capsys):
     assert cli.main(["calibrate", *extra, "--dry-run"]) == 1
-    assert "give either --domain NAME" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "give either --domain NAME" in err or "--tot measures one domain" in err
 
 
 def test_calibrate_routing_fits_the_scorer_for_its_model(tmp_path, capsys):

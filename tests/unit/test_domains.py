@@ -233,3 +233,41 @@ def test_a_calibration_or_tot_evidence_from_another_model_is_not_applied_and_say
     )
     assert other.threshold_for("general") == reg.threshold_for("general")  # uncalibrated domains untouched
     assert reg.for_model(None) == (reg, [])
+
+
+@pytest.mark.parametrize(
+    ("tot", "chain", "pays"),
+    [
+        ([(True, 90), (True, 80), (False, 70)], [(True, 30), (False, 30), (False, 30)], True),  # more right
+        ([(True, 90), (False, 80)], [(True, 30), (False, 30)], False),  # as many right, more tokens
+        ([(True, 20), (False, 20)], [(True, 30), (False, 30)], True),  # as many right, fewer tokens
+        ([(False, 90), (False, 80)], [(True, 30), (False, 30)], False),  # fewer right
+    ],
+)
+def test_tot_evidence_pays_only_for_more_right_answers_or_the_same_for_less(tot, chain, pays):
+    from services.reasoning.domains import tot_evidence
+
+    ev = tot_evidence(tot, chain, "m", at="2026-11-28")
+    assert ev.pays is pays and ev.n_problems == len(tot) and ev.model == "m"
+    assert ev.accuracy_tot == round(sum(c for c, _ in tot) / len(tot), 4)
+    assert ev.tokens_chain == round(sum(t for _, t in chain) / len(chain), 1)
+    with pytest.raises(ValueError, match="same problems"):
+        tot_evidence(tot, chain[:1], "m")
+
+
+def test_tot_evidence_is_written_into_the_domain_and_the_planner_reads_it(tmp_path):
+    import shutil
+
+    from services.reasoning.domains import save_tot_evidence, tot_evidence
+
+    path = tmp_path / "domains.yaml"
+    shutil.copy(CONFIG, path)
+    before = DomainRegistry.load(path)
+    ev = tot_evidence([(True, 50)], [(False, 30)], "m", at="2026-11-28")
+    after = save_tot_evidence(path, "math", ev)
+    assert DomainRegistry.load(path) == after and after.domains["math"].tot == ev
+    untouched = {n: d for n, d in after.domains.items() if n != "math"}
+    assert untouched == {n: d for n, d in before.domains.items() if n != "math"}
+    assert after.domains["math"].threshold == before.domains["math"].threshold
+    with pytest.raises(ValueError, match="unknown domain"):
+        save_tot_evidence(path, "nope", ev)

