@@ -157,7 +157,7 @@ def test_calibrate_routing_fits_the_scorer_for_its_model(tmp_path, capsys):
     is low and the fitted scorer routes everything low), into a copy of the configs."""
     import shutil
 
-    from services.config import DEFAULT_CONFIG
+    from services.config import DEFAULT_CONFIG, AppConfig
     from services.reasoning.complexity import ComplexityConfig, score
 
     configs, out = tmp_path / "configs", tmp_path / "routing.json"
@@ -167,7 +167,8 @@ def test_calibrate_routing_fits_the_scorer_for_its_model(tmp_path, capsys):
     assert cli.main([*argv, "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "held-out tier agreement" in printed and "wrote the fitted scorer" in printed
-    cfg = ComplexityConfig.load(configs / "complexity.yaml")  # the file still validates
+    named = AppConfig.load(configs / Path(DEFAULT_CONFIG).name).router.complexity_file  # the file written
+    cfg = ComplexityConfig.load(named)  # it still validates
     cal = cfg.calibration
     assert (
         cal is not None
