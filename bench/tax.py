@@ -36,14 +36,14 @@ from cluster.runner import (
     repo_path,
     run_jobs,
     settings_from_args,
+    tot_sampling,
 )
 from services.reasoning.domains import DomainRegistry
 from services.reasoning.tiers import RoundPlan, TierTable, decide
-from services.worker.engine import SamplingSpec
 
 FIXED_MAX = 6
 FIXED_TIER = "high"  # a tier whose ceiling allows FIXED_MAX rounds
-TOT_TIER, TOT_DEPTH, TOT_TEMPERATURE = "high", 4, 0.7
+TOT_TIER, TOT_DEPTH = "high", 4
 EXIT_DOMAIN = "math"
 PREFIX_CHECKS = ((0, 2), (1, 3))  # (problem index, k): real fixed-k runs against fixed-6 prefixes
 GAIN_POINT = 0.01  # "one accuracy point", as a fraction
@@ -139,12 +139,7 @@ def build_jobs(
         jobs.append(Job(p, f"fixed-{FIXED_MAX}", fixed, g, f"fixed{FIXED_MAX}-{p.id}"))
         jobs.append(Job(p, "confidence-exit", exit_plan(table, tier, threshold), g, f"exit-{p.id}"))
         if args.tot:
-            sampled = SamplingSpec(
-                max_tokens=args.max_tokens,
-                temperature=TOT_TEMPERATURE,
-                seed=args.seed * 1000 + i,
-                top_logprobs=5,
-            )
+            sampled = tot_sampling(args.max_tokens, args.seed * 1000 + i)
             jobs.append(Job(p, "tot", tot, sampled, f"tot-{p.id}"))
     for i, k in PREFIX_CHECKS:
         if i < len(problems):

@@ -15,7 +15,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from cluster.problems import Source, load_problems
+from cluster.problems import warmup_problems
 from cluster.runner import (
     Job,
     Runner,
@@ -104,8 +104,7 @@ def print_result(domain: str, tier: str, res: CalibrationResult) -> None:
 async def traces(
     args: argparse.Namespace, settings: Any, d: Domain, table: TierTable
 ) -> list[list[TraceRound]]:
-    sources = [Source(w.dataset, w.config, f"{w.dataset}{i}", size=w.size) for i, w in enumerate(d.warmup)]
-    problems = load_problems(sources, args.problems, args.seed)
+    problems = warmup_problems(d.warmup, args.problems, args.seed)
     ceiling = table.tiers[d.tier].max_rounds
     plan = plan_for(table, d.tier, max_rounds=ceiling, min_rounds=ceiling)  # to the ceiling, no exit
     jobs = [Job(p, "ceiling", plan, greedy(args.max_tokens), f"cal-{p.id}") for p in problems]

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from cluster.problems import Source, load_problems
-from cluster.runner import Job, Runner, Settings, greedy, plan_for
+from cluster.problems import warmup_problems
+from cluster.runner import Job, Settings, greedy, plan_for, run_jobs, tot_sampling
 from services.reasoning.domains import Domain, TotEvidence, tot_evidence
 from services.reasoning.tiers import TierTable
-from services.worker.engine import SamplingSpec
-
-TOT_TEMPERATURE = 0.7  # siblings must differ: greedy ones would be identical (as bench tax samples)
 
 
 def tot_tier(table: TierTable) -> str:
@@ -31,36 +28,26 @@ def tot_tier(table: TierTable) -> str:
 
 
 def jobs_for(args: argparse.Namespace, d: Domain, table: TierTable, domain: str) -> list[Job]:
-    sources = [Source(w.dataset, w.config, f"{w.dataset}{i}", size=w.size) for i, w in enumerate(d.warmup)]
-    problems = load_problems(sources, args.problems, args.seed)
+    problems = warmup_problems(d.warmup, args.problems, args.seed)
     tier = tot_tier(table)
     ceiling = table.tiers[tier].max_rounds
     tree = plan_for(table, tier, strategy="tot", domain=domain)
     chain = plan_for(table, tier, max_rounds=ceiling, min_rounds=ceiling, domain=domain)  # no exit
     jobs = []
     for i, p in enumerate(problems):
-        sampled = SamplingSpec(
-            max_tokens=args.max_tokens, temperature=TOT_TEMPERATURE, seed=args.seed * 1000 + i, top_logprobs=5
-        )
-        jobs.append(Job(p, "tot", tree, sampled, f"tot-{p.id}"))
+        jobs.append(Job(p, "tot", tree, tot_sampling(args.max_tokens, args.seed * 1000 + i), f"tot-{p.id}"))
         jobs.append(Job(p, "chain", chain, greedy(args.max_tokens), f"chain-{p.id}"))
     return jobs
 
 
-async def _run(args: argparse.Namespace, settings: Settings, jobs: list[Job]) -> list:
-    runner = Runner(settings.engine, settings.prompts)
-    await runner.start()
-    try:
-        return await runner.run_all(jobs, args.concurrency, desc=f"ToT vs chain on {args.domain}")
-    finally:
-        await runner.shutdown()
-
-
 def measure(args: argparse.Namespace, settings: Settings, d: Domain, table: TierTable) -> TotEvidence:
     jobs = jobs_for(args, d, table, args.domain)
-    results = asyncio.run(_run(args, settings, jobs))
-    by = {(r.policy, r.problem_id): r for r in results}
     ids = [j.problem.id for j in jobs if j.policy == "tot"]
+    run = run_jobs(
+        settings.engine, jobs, args.concurrency, f"ToT vs chain on {args.domain}", len(ids), settings.prompts
+    )
+    results, _ = asyncio.run(run)
+    by = {(r.policy, r.problem_id): r for r in results}
 
     def runs(policy: str) -> list[tuple[bool, int]]:
         return [(by[(policy, i)].correct, by[(policy, i)].completion_tokens) for i in ids]

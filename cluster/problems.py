@@ -120,6 +120,13 @@ def load_problems(spec: str | Sequence[Source], n: int | None = None, seed: int 
     return [ps[j] for j in range(longest) for ps in per_source if j < len(ps)]
 
 
+def warmup_problems(warmup: Sequence[Any], n: int | None, seed: int) -> list[Problem]:
+    """A domain's warm-up problems (configs/domains.yaml `warmup`: dataset, config, size each);
+    every dataset's size when `n` is None."""
+    sources = [Source(w.dataset, w.config, f"{w.dataset}{i}", size=w.size) for i, w in enumerate(warmup)]
+    return load_problems(sources, n, seed)
+
+
 def answer_line(text: str) -> str | None:
     """The raw line after the last "Final answer:" marker, markdown and a final period removed,
     case kept (some checkers compare exactly: syllogism wants "Yes", not "yes")."""

@@ -356,3 +356,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 def greedy(max_tokens: int) -> SamplingSpec:
     return SamplingSpec(max_tokens=max_tokens, temperature=0.0, top_logprobs=5)
+
+
+TOT_TEMPERATURE = 0.7  # a tree's siblings must differ: greedy ones would be identical
+
+
+def tot_sampling(max_tokens: int, seed: int) -> SamplingSpec:
+    """A benchmark's Tree-of-Thought request: sampled, seeded per problem."""
+    return SamplingSpec(max_tokens=max_tokens, temperature=TOT_TEMPERATURE, seed=seed, top_logprobs=5)
