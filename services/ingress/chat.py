@@ -14,6 +14,7 @@ from services.control.client import Control, DepthClient, RecordsClient
 from services.ingress import access
 from services.ingress.api import ApiError, ChatRequest, ReasoningOptions
 from services.ingress.metrics import Recorder, log_request, log_round
+from services.ingress.responses import degraded_reasons
 from services.loop.events import Event, Finished, Outcome, RoundDone
 from services.reasoning.planning import PlanRequest
 from services.reasoning.tiers import PlanError, RoundPlan
@@ -126,7 +127,9 @@ async def accounted(
         status = "cancelled"  # the client went away
         raise
     finally:
-        acc.metrics.request(outcome, plan.tier, plan.strategy, status, control.reasons)
+        acc.metrics.request(
+            outcome, plan.tier, plan.strategy, status, degraded_reasons(outcome, control.reasons)
+        )
         log_request(rid, plan, outcome, status, control, api_key=key if acc.auth is not None else "-")
         tokens = outcome.total_completion_tokens if outcome else 0
         access.record_tokens(acc.auth, key, tokens)

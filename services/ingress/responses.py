@@ -67,6 +67,19 @@ def usage(o: Outcome) -> dict:
     }
 
 
+def degraded_reasons(o: Outcome | None, control_reasons: list[str]) -> list[str]:
+    """Why the request got less than it asked for: admission's reasons, then the run's own (a ToT
+    search whose root found no node in the cluster's budget ran as a chain)."""
+    fallback = o.plan.fallback if o is not None else None
+    return [*control_reasons, fallback] if fallback else list(control_reasons)
+
+
+def control_summary(o: Outcome, meta: Meta) -> dict:
+    summary = meta.control.summary()
+    reasons = degraded_reasons(o, summary["degraded_reasons"])
+    return summary | {"degraded": summary["degraded"] or bool(reasons), "degraded_reasons": reasons}
+
+
 def reasoning_summary(o: Outcome, meta: Meta) -> dict:
     return {
         "tier": o.plan.tier,
@@ -79,7 +92,7 @@ def reasoning_summary(o: Outcome, meta: Meta) -> dict:
         "max_rounds": o.plan.max_rounds,
         "confidence_threshold": o.plan.confidence_threshold,
         "exit_rule": o.plan.exit_rule,
-        **meta.control.summary(),
+        **control_summary(o, meta),
         "tot": o.tot,
         "thinking": o.thinking,
         "rounds": [r.summary() for r in o.rounds],

@@ -26,7 +26,7 @@ from services.loop.thinking_run import answer_after, answer_reserve, probe, run_
 from services.loop.tot_run import EXIT, GREEDY_TOT_TEMPERATURE, node_header, tot_config
 from services.reasoning.loop import RoundRecord
 from services.reasoning.thinking import TRANSITION, max_thinking_tokens
-from services.reasoning.tiers import Reason, RoundPlan
+from services.reasoning.tiers import TOT_BUDGET_SPENT, Reason, RoundPlan
 from services.reasoning.tot import ChildResult, StopReason, TotSearch
 from services.worker.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
 
@@ -76,7 +76,9 @@ async def run_thinking_tot(
         granted = min(wanted, await grant(wanted)) if wanted else 0
         if granted == 0 and node.id == 0:
             # Not one node could be had (the cluster's ToT budget is spent): think as a chain.
-            chain = dataclasses.replace(plan, strategy="cot", tot=None, degraded=True)
+            chain = dataclasses.replace(
+                plan, strategy="cot", tot=None, degraded=True, fallback=TOT_BUDGET_SPENT
+            )
             async for ev in run_thinking(orch, request_id, chain, sampling, first_prompt, decide):
                 yield ev
             return

@@ -21,7 +21,7 @@ from services.loop.events import (
 )
 from services.reasoning.loop import RoundRecord
 from services.reasoning.prompts import Message
-from services.reasoning.tiers import Reason, RoundPlan
+from services.reasoning.tiers import TOT_BUDGET_SPENT, Reason, RoundPlan
 from services.reasoning.tot import ChildResult, StopReason, TotConfig, TotSearch
 from services.worker.engine import Accumulator, GenerateResult, SamplingSpec, round_tags
 
@@ -92,7 +92,9 @@ async def run_tot(
         if granted == 0 and node.id == 0:
             # Not one node could be had (the cluster's ToT budget is spent): answer with a plain
             # chain of rounds instead of failing, and say so.
-            chain = dataclasses.replace(plan, strategy="cot", tot=None, degraded=True)
+            chain = dataclasses.replace(
+                plan, strategy="cot", tot=None, degraded=True, fallback=TOT_BUDGET_SPENT
+            )
             async for ev in orch.run(request_id, conversation, chain, sampling, first_prompt, decide=decide):
                 yield ev
             return

@@ -98,6 +98,10 @@ class PlanError(ValueError):
         self.param = param
 
 
+# The cluster's ToT node budget had no node for a search's root: the request ran as a chain.
+TOT_BUDGET_SPENT = "tot_nodes_in_flight"
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """One request's reasoning plan. Plain data (JSON-able): it travels to the depth-control actor."""
@@ -116,6 +120,7 @@ class RoundPlan:
     mode: str = "thinking"  # for a model that thinks natively: one trace in segments, or "rounds"
     thinking_budget: int | None = None  # thinking mode: the request's exact cap; None = max_rounds segments
     probe_tokens: int = 0  # thinking mode: a probe's token cap after each segment (0: no probes)
+    fallback: str | None = None  # why the strategy asked for did not run (TOT_BUDGET_SPENT)
 
     def rule(self) -> ExitRule | None:
         """The effective exit rule: the tier's rule with this plan's entropy threshold; None = never."""

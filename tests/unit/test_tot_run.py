@@ -4,9 +4,10 @@ node grant, children come from one n-sample request, the best path becomes the r
 import asyncio
 import math
 
+from services.ingress.responses import degraded_reasons
 from services.loop.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta, local_decide
 from services.reasoning.prompts import Message
-from services.reasoning.tiers import RoundPlan
+from services.reasoning.tiers import TOT_BUDGET_SPENT, RoundPlan
 from services.worker.engine import GenerateDelta, GenerateResult, SamplingSpec
 
 SURE = ((1, 0.0),)
@@ -125,3 +126,6 @@ def test_a_denied_root_expansion_falls_back_to_a_degraded_chain():
     assert expander.calls == []  # no node was generated beyond the budget
     assert outcome.plan.strategy == "cot" and outcome.plan.degraded and outcome.tot is None
     assert len(outcome.rounds) == 3 and outcome.content == "Final answer: 4"
+    # ...and says so: the response and the degraded-requests metric name the spent node budget.
+    assert outcome.plan.fallback == TOT_BUDGET_SPENT
+    assert degraded_reasons(outcome, ["sessions 9/8"]) == ["sessions 9/8", TOT_BUDGET_SPENT]
