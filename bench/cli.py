@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-MODULES = ("overhead", "control", "tax", "kv", "kv_path", "observe", "soak", "depth_value")
+MODULES = ("overhead", "control", "tax", "kv", "kv_path", "observe", "soak", "depth_value", "policy")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -83,6 +83,53 @@ def plot_thinking_tax(res: dict[str, Any], out_dir: Path) -> Path:
     return _save(fig, out_dir / "tax_thinking_accuracy_vs_tokens.png")
 
 
+def plot_policy_frontier(res: dict[str, Any], out_dir: Path) -> Path:
+    """`bench policy`: per format, every policy a point (mean tokens, accuracy with its 95% interval);
+    the cheapest-for-its-accuracy points joined as the frontier; the default marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    formats = list(res["analysis"].items())
+    fig, axes = plt.subplots(1, len(formats), figsize=(6 * len(formats), 4.5), squeeze=False)
+    for ax, (fmt, a) in zip(axes[0], formats, strict=True):
+        pts = {k: (m["mean_tokens"], m["accuracy"]) for k, m in a["policies"].items()}
+        groups: dict[tuple[float, float], list[str]] = {}  # policies that coincide share a point
+        for name, (tok, acc) in pts.items():
+            groups.setdefault((tok, acc["value"]), []).append(name)
+        for i, ((tok, value), names) in enumerate(sorted(groups.items())):
+            acc = pts[names[0]][1]
+            err = [[value - acc["lo"]], [acc["hi"] - value]]
+            style = {"fmt": "s", "color": "C3"} if "default" in names else {"fmt": "o", "color": "C0"}
+            ax.errorbar(tok, value, yerr=err, capsize=3, zorder=3, **style)
+            label = " = ".join(sorted(names, key=lambda n: n != "default"))
+            # neighbours' labels alternate above and below their points
+            ax.annotate(
+                label, (tok, value), textcoords="offset points", xytext=(5, 4 - 14 * (i % 2)), fontsize=8
+            )
+        bound = res["token_bound"] * a["policies"]["fixed-4"]["mean_tokens"]
+        ax.axvline(bound, color="C2", ls=":", label=f"{res['token_bound']:.0%} of fixed-4's tokens")
+        frontier, best = [], -1.0
+        for tok, acc in sorted(pts.values(), key=lambda p: (p[0], -p[1]["value"])):
+            if acc["value"] > best:
+                frontier.append((tok, acc["value"]))
+                best = acc["value"]
+        ax.plot(*zip(*frontier, strict=True), "--", color="grey", alpha=0.6, label="frontier")
+        v = a["verdict"]["difference"]
+        ax.set_title(
+            f"{fmt}, n={a['n']}: default - {a['best_fixed']} = {v['value']:+.3f} "
+            f"[{v['lo']:+.3f}, {v['hi']:+.3f}]",
+            fontsize=9,
+        )
+        ax.set(xlabel="mean completion tokens per request", ylabel="accuracy (95% Wilson interval)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{res['model']}: {res['suite']} problems, every policy a point", fontsize=10)
+    return _save(fig, out_dir / f"policy_frontier_{res['suite']}.png")
+
+
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 

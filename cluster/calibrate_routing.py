@@ -65,8 +65,9 @@ def add_routing_arguments(p: argparse.ArgumentParser) -> None:
 
 def _distractors(answer: str, rng: random.Random) -> list[str] | None:
     """Three wrong options like the answer, or None when there is no sensible set."""
-    if answer in ("Yes", "No"):
-        return ["No" if answer == "Yes" else "Yes"]
+    for pair in (("Yes", "No"), ("True", "False")):
+        if answer in pair:
+            return [pair[1 - pair.index(answer)]]
     if answer in WEEKDAYS:
         return rng.sample([d for d in WEEKDAYS if d != answer], 3)
     try:

@@ -182,3 +182,43 @@ def test_calibrate_routing_fits_the_scorer_for_its_model(tmp_path, capsys):
     traces = json.loads(out.read_text())["traces"]
     assert all(len(t["correct"]) == 6 for t in traces)  # each prompt ran to the high ceiling
     assert sum(t["group"] == traces[0]["group"] for t in traces) == 2  # plain and multiple-choice
+
+
+def test_policy_bench_json_plot_and_reanalysis(tmp_path, capsys):
+    """`ponder bench policy` on the tiny model: both formats of the same problems, every policy read
+    off one chain per prompt, a verdict per format, the frontier plot; `--from` re-analyses the
+    saved traces to the same numbers without an engine."""
+    out = tmp_path / "policy.json"
+    argv = ["bench", "policy", "--json", str(out), "--model", TINY_MODEL, "--problems", "2"]
+    argv += ["--suite", "unseen", "--max-tokens", "6", "--kv-cache-mib", "128", "--plots", str(tmp_path)]
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["problems_per_format"] == 2 and len(res["traces"]) == 4
+    assert [t["format"] for t in res["traces"]] == ["plain", "plain", "multiple-choice", "multiple-choice"]
+    assert res["traces"][2]["group"] == res["traces"][0]["group"]  # paired across formats
+    for t in res["traces"]:
+        assert 4 <= len(t["rounds"]) <= 6 and all(r["completion_tokens"] <= 6 for r in t["rounds"])
+    for fmt in ("plain", "multiple-choice"):
+        a = res["analysis"][fmt]
+        assert set(a["policies"]) == {
+            "fixed-1",
+            "fixed-2",
+            "fixed-3",
+            "fixed-4",
+            "tier low",
+            "tier medium",
+            "default",
+        }
+        assert a["best_fixed"] in a["policies"] and a["best_fixed"] != "default"
+        tokens = [a["policies"][f"fixed-{k}"]["mean_tokens"] for k in range(1, 5)]
+        assert tokens == sorted(tokens)
+        assert a["verdict"]["margin"] == 0.02 and a["verdict"]["token_ratio"]["value"] > 0
+        assert set(a["default_minus"]) == set(a["policies"]) - {"default"}
+    plot = Path(res["plot"])
+    assert plot.name == "policy_frontier_unseen.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "best fixed" in capsys.readouterr().out
+    again = tmp_path / "again.json"
+    assert (
+        cli.main(["bench", "policy", "--json", str(again), "--from", str(out), "--plots", str(tmp_path)]) == 0
+    )
+    assert json.loads(again.read_text())["analysis"] == res["analysis"]
