@@ -53,7 +53,8 @@ def test_a_three_round_request_moves_every_series_by_its_amounts():
     ]
     for rd, v in zip(rounds, verdicts, strict=True):
         r.round("medium", rd, v, v.exit)
-    r.request(Outcome(plan, rounds, Reason.CONFIDENCE, "a", "r"), "medium", "cot", "ok", ["deep_sessions"])
+    why = ["deep_sessions 3/2", "tokens_per_minute 1200/1000 for key k-3f2a"]  # as admission words them
+    r.request(Outcome(plan, rounds, Reason.CONFIDENCE, "a", "r"), "medium", "cot", "ok", why)
     m = r.m
     assert total(m["ponder_round_tokens"], kind="completion") == 60
     assert total(m["ponder_round_tokens"], kind="reasoning") == 50  # all but the final round's
@@ -67,6 +68,8 @@ def test_a_three_round_request_moves_every_series_by_its_amounts():
     assert m["ponder_exit_confidence"].values[(("exit_reason", "confidence"), ("tier", "medium"))] == [0.95]
     assert total(m["ponder_tokens_saved_by_early_exit"]) == 20  # 1 round left x 20 tokens a round
     assert total(m["ponder_degraded_requests"], reason="deep_sessions") == 1
+    assert total(m["ponder_degraded_requests"], reason="tokens_per_minute") == 1  # no counts, no key
+    assert len(m["ponder_degraded_requests"].values) == 2
 
 
 def test_a_failed_request_is_counted_without_an_outcome():
