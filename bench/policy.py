@@ -186,6 +186,7 @@ def trace(p: Problem, fmt: str, res: JobResult, tier: str, reason: str) -> dict[
                 "answer": r.answer,
                 "correct": r.correct,
                 "completion_tokens": r.completion_tokens,
+                "closed": r.closed,
                 "signals": dataclasses.asdict(r.signals) if r.signals is not None else None,
             }
             for r in res.rounds
@@ -279,8 +280,19 @@ def analyse(res: dict[str, Any], pols: Policies, margin: float, token_bound: flo
             "verdict": v.as_dict(),
             "default_minus": versus,
             "default_tiers": tiers,
+            "first_rounds": first_rounds(rows),
         }
     return out
+
+
+def first_rounds(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Shares of first rounds that stated an answer, and that the router closed (older results: 0)."""
+    firsts = [t["rounds"][0] for t in rows if t["rounds"]]
+    n = max(len(firsts), 1)
+    return {
+        "answered": round(sum(r["answer"] is not None for r in firsts) / n, 4),
+        "closed": round(sum(bool(r.get("closed")) for r in firsts) / n, 4),
+    }
 
 
 def summary(runs: list[tuple[bool, int]]) -> dict[str, Any]:
@@ -291,7 +303,11 @@ def summary(runs: list[tuple[bool, int]]) -> dict[str, Any]:
 
 def print_table(analysis: dict[str, Any]) -> None:
     for fmt, a in analysis.items():
-        print(f"\n{fmt} ({a['n']} prompts): default tiers {a['default_tiers']}")
+        first = a.get("first_rounds", {})
+        print(
+            f"\n{fmt} ({a['n']} prompts): default tiers {a['default_tiers']}; first rounds "
+            f"answered {first.get('answered', 0):.3f}, closed by the router {first.get('closed', 0):.3f}"
+        )
         print(f"{'policy':14} {'accuracy':>9} {'95% interval':>15} {'tokens':>8}")
         for name, m in a["policies"].items():
             acc = m["accuracy"]

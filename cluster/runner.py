@@ -174,6 +174,7 @@ class RoundRow:
     done_ms: float  # time from the request's start to this round's verdict
     text: str = field(repr=False, default="")
     signals: Signals | None = field(repr=False, default=None)  # to replay exit policies
+    closed: bool = False  # cut before its answer line and closed by the router (loop/closing.py)
 
 
 @dataclass
@@ -314,6 +315,7 @@ def _result(job: Job, outcome: Outcome, done_ms: list[float], latency_ms: float)
                 done_ms=done_ms[i] if i < len(done_ms) else latency_ms,
                 text=r.text,
                 signals=r.signals,
+                closed=r.closed,
             )
         )
     return JobResult(

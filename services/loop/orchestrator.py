@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from services.loop.closing import close_round, closing_text, needs_closing, round_cap
 from services.loop.events import (
     ContentDelta,
     ContextLengthError,
@@ -98,6 +99,7 @@ class Orchestrator:
         self._trace, self._trace_opened = trace, trace_opened
         # Thinking mode under max_completion_tokens: tokens kept for the answer when closing the trace.
         self.answer_reserve = answer_reserve
+        self._forced: tuple[str, list[int]] | None = None  # the closing's text and tokens, once encoded
 
     @property
     def trace(self) -> TraceMarkers | None:
@@ -221,25 +223,26 @@ class Orchestrator:
         pruned: dict | None = None  # how the coming round's prompt was cut to fit, if it was
         while True:
             index = loop.next_index
+            rid = f"{request_id}-r{index}"
             role = round_role(plan, index)
-            spec = dataclasses.replace(
-                sampling,
-                max_tokens=min(sampling.max_tokens, self._max_len - len(prompt)),
-                kv_tags=round_tags(sampling, index),
-            )
+            cap = min(sampling.max_tokens, self._max_len - len(prompt))
+            own = self._round_cap(cap, sampling)  # less a closing's reserve, when the round may be closed
+            spec = dataclasses.replace(sampling, max_tokens=own, kv_tags=round_tags(sampling, index))
             if role is StreamRole.REASONING:
                 yield ReasoningDelta(round_header(index))
             acc, live = Accumulator(), self._splitter() if role is StreamRole.FINAL else None
             start = self._clock()
-            async for delta in self._generate(f"{request_id}-r{index}", prompt, spec):
-                acc.add(delta, (self._clock() - start) * 1000.0)
-                if delta.text and role is not StreamRole.UNDECIDED:
-                    for event in _live_text(role, live, delta.text):
-                        yield event
+            async for event in self._stream(self._generate(rid, prompt, spec), acc, role, live, start):
+                yield event
+            closed = needs_closing(acc, extract_answer("".join(acc.text)), cap, own)
+            if closed:
+                closing = close_round(self._generate, rid, prompt, acc, self._closing(), cap, spec)
+                async for event in self._stream(closing, acc, role, live, start):
+                    yield event
             for event in _live_text(role, live, None):
                 yield event
             record = self.record(index, acc, prompt, (self._clock() - start) * 1000.0, loop.rounds)
-            record.pruned = pruned
+            record.pruned, record.closed = pruned, closed
             verdict, next_prompt, pruned = await self._settle(
                 loop, record, conversation, plan, decide, sampling
             )
@@ -255,6 +258,36 @@ class Orchestrator:
         yield Finished(
             Outcome(plan, loop.rounds, loop.exit_reason, answer, reasoning_text(loop.earlier) + trace)
         )
+
+    async def _stream(
+        self,
+        deltas: AsyncIterator[GenerateDelta],
+        acc: Accumulator,
+        role: StreamRole,
+        live: TraceSplitter | None,
+        start: float,
+    ) -> AsyncIterator[Event]:
+        """Gather a round's deltas into `acc`, streaming its text as the round's role allows."""
+        async for delta in deltas:
+            acc.add(delta, (self._clock() - start) * 1000.0)
+            if delta.text and role is not StreamRole.UNDECIDED:
+                for event in _live_text(role, live, delta.text):
+                    yield event
+
+    def _closing(self) -> tuple[str, list[int]]:
+        """The text (and its tokens) written after a round cut before its answer line."""
+        if self._forced is None:
+            text = closing_text(self.prompts)
+            self._forced = (text, self._tok.encode(text))
+        return self._forced
+
+    def _round_cap(self, cap: int, sampling: SamplingSpec) -> int:
+        """A chain round's own cap: `cap` less a closing's reserve where rounds may be closed (never
+        for a model that thinks natively: its cut round is mid-trace; never under ignore_eos: the
+        client asked for rounds that fill their cap)."""
+        if self._trace is not None or not self.prompts.close_tokens or sampling.ignore_eos:
+            return cap
+        return round_cap(cap, len(self._closing()[1]), self.prompts)
 
     async def _settle(
         self,

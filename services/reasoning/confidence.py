@@ -13,6 +13,8 @@ safe direction for an early-exit signal.
 
 A round's confidence is the mean over its answer tokens: the tokens from the last "Final answer:"
 marker on when the round has one (the restated answer is what early exit trusts), else all tokens.
+A token with no top-k at all (`FORCED`: text the router wrote, such as a closing's marker) was not
+sampled and says nothing about the model's confidence: it is left out of every mean.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from collections.abc import Callable, Sequence
 
 ANSWER_MARKER = "final answer:"
 TopLogprobs = Sequence[tuple[int, float]]
+FORCED: tuple[tuple[int, float], ...] = ()  # the top-k of a token the router wrote, not the model
+
+
+def sampled(logprobs: Sequence[TopLogprobs]) -> list[TopLogprobs]:
+    """The top-k of the tokens the model sampled (the router's own tokens left out)."""
+    return [t for t in logprobs if t]
 
 
 def token_confidence(top: TopLogprobs, vocab_size: int) -> float:
@@ -38,9 +46,10 @@ def token_confidence(top: TopLogprobs, vocab_size: int) -> float:
 
 
 def mean_confidence(logprobs: Sequence[TopLogprobs], vocab_size: int) -> float | None:
-    if not logprobs:
+    scored = sampled(logprobs)
+    if not scored:
         return None
-    return sum(token_confidence(t, vocab_size) for t in logprobs) / len(logprobs)
+    return sum(token_confidence(t, vocab_size) for t in scored) / len(scored)
 
 
 def answer_start(text: str, token_ids: Sequence[int], decode: Callable[[list[int]], str]) -> int:

@@ -51,6 +51,7 @@ class RoundRecord:
     kv_loaded_tokens: int = 0  # prompt tokens the KV store supplied (the rest of cached_tokens: local)
     worker: str = ""  # the worker replica that ran the round
     finish_reason: str = "stop"  # the engine's: "length" when the round was cut at max_tokens
+    closed: bool = False  # cut before its answer line, the router wrote "Final answer:" (loop/closing.py)
 
     def signals_or_confidence(self) -> Signals | float | None:
         return self.signals if self.signals is not None else self.confidence
@@ -62,6 +63,7 @@ class RoundRecord:
             "completion_tokens": self.completion_tokens,
             "worker": self.worker,
             "finish_reason": self.finish_reason,
+            "closed": self.closed,
             "kv_cached_tokens": max(self.cached_tokens - self.kv_loaded_tokens, 0),
             "kv_loaded_tokens": self.kv_loaded_tokens,
             "confidence": None if self.confidence is None else round(self.confidence, 4),

@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.reasoning.confidence import ANSWER_MARKER
+
 DRAFT_INSTRUCTION = (
     "Think step by step. End your reply with a last line of the form 'Final answer: <answer>'."
 )
@@ -25,15 +27,20 @@ VERIFY_INSTRUCTION = (
     "Check the answer above step by step. If you find a mistake, correct it. "
     "End your reply with a last line of the form 'Final answer: <answer>'."
 )
+CLOSE = "Final answer:"  # what a round cut before its answer line is closed with (services/loop/closing.py)
+CLOSE_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class RoundPrompts:
-    """What a chain's rounds ask: the draft instruction (system) and the verify request (user)."""
+    """What a chain's rounds ask: the draft instruction (system) and the verify request (user); how
+    a round cut at its token cap before it stated an answer is closed (`close_tokens` 0: never)."""
 
     draft: str = DRAFT_INSTRUCTION
     verify: str = VERIFY_INSTRUCTION
     family: str = "default"
+    close: str = CLOSE
+    close_tokens: int = CLOSE_TOKENS
 
 
 DEFAULT_PROMPTS = RoundPrompts()
@@ -48,6 +55,20 @@ class PromptFamily(BaseModel):
     draft: str = Field(min_length=1, description="System instruction of every round (with the client's own).")
     verify: str = Field(min_length=1, description="User message after each earlier round.")
     why: str = Field("", description="What this family's wording is for, and what it was measured to do.")
+    close: str = Field(
+        CLOSE,
+        description="Written on a new line after a round cut at its token cap with no answer line; "
+        "the model completes that line. Must contain 'Final answer:' (what answers are read from).",
+    )
+    close_tokens: int = Field(
+        CLOSE_TOKENS, ge=0, le=64, description="Most tokens the model writes after `close`; 0: never close."
+    )
+
+    @model_validator(mode="after")
+    def _close_reads_as_an_answer(self) -> PromptFamily:
+        if self.close_tokens and ANSWER_MARKER not in self.close.lower():
+            raise ValueError(f"close {self.close!r} must contain 'Final answer:' (answers are read from it)")
+        return self
 
 
 class PromptFamilies(BaseModel):
@@ -76,7 +97,7 @@ class PromptFamilies(BaseModel):
     def for_model(self, model: str) -> RoundPrompts:
         for name, f in self.families.items():
             if re.search(f.match, model, re.IGNORECASE):
-                return RoundPrompts(f.draft.strip(), f.verify.strip(), name)
+                return RoundPrompts(f.draft.strip(), f.verify.strip(), name, f.close.strip(), f.close_tokens)
         return DEFAULT_PROMPTS
 
 

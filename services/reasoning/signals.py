@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.reasoning.confidence import ANSWER_MARKER, TopLogprobs, mean_confidence
+from services.reasoning.confidence import ANSWER_MARKER, TopLogprobs, mean_confidence, sampled
 
 DEFAULT_WINDOW = 16
 DEFAULT_TAIL = 64
@@ -34,7 +34,7 @@ def deepconf_token_confidence(top: TopLogprobs) -> float:
 
 
 def token_confidences(logprobs: Sequence[TopLogprobs]) -> list[float]:
-    return [deepconf_token_confidence(t) for t in logprobs]
+    return [deepconf_token_confidence(t) for t in sampled(logprobs)]  # the router's own tokens: none
 
 
 def _mean(xs: Sequence[float]) -> float | None:

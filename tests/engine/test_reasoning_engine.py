@@ -8,6 +8,7 @@ import pytest
 from services.loop.orchestrator import ContentDelta, Finished, Orchestrator, ReasoningDelta
 from services.loop.tokenizer import HfTokenizer
 from services.reasoning.prompts import Message, round_messages
+from services.reasoning.signals import extract_answer
 from services.reasoning.tiers import RoundPlan, TierTable, decide, make_plan
 from services.worker.engine import SamplingSpec
 
@@ -79,6 +80,45 @@ def test_later_rounds_reuse_the_prefix_cache(loop, orchestrator, tiers):
     outcome = run(loop, orchestrator, plan, "Explain why the sky is blue, in detail." * 20, 12)[-1].outcome
     # every later round re-sends the transcript; the engine's prefix cache serves most of it
     assert all(r.cached_tokens > 0 for r in outcome.rounds[1:])
+
+
+def test_a_round_cut_before_its_answer_is_closed_from_the_prefix_cache(loop, engine, model_dir, tiers):
+    """A rambling round is cut at its cap less the closing's reserve; the router writes "Final
+    answer:" and the model completes the line from the cached round (no re-prefill), within the cap."""
+    closings = []
+
+    def generate(rid, prompt, spec):
+        async def deltas():
+            async for d in engine.generate_stream(rid, prompt, spec):
+                if rid.endswith("-close"):
+                    closings.append((len(prompt), spec, d))
+                yield d
+
+        return deltas()
+
+    info = loop.run(engine.start())
+    orch = Orchestrator(
+        generate,
+        lambda plan, n, s: _local(plan, n, s),
+        HfTokenizer(str(model_dir)),
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+    )
+    plan = make_plan(tiers, "low", confidence_threshold=1.0)
+    outcome = run(loop, orch, plan, "Explain why the sky is blue, in detail.", max_tokens=64)[-1].outcome
+    assert len(outcome.rounds) == 2 and closings  # never confident: both rounds, at least one closed
+    prompt_len, spec, first = closings[0]
+    assert spec.kv_tags is None and spec.stop == ("\n",) and spec.max_tokens <= 16
+    assert first.cached_tokens >= prompt_len - 16 - 8  # the round's prefix, but its last partial block
+    for r in outcome.rounds:
+        assert r.completion_tokens <= 64
+        if r.finish_reason == "stop" and "\nFinal answer:" in r.text:
+            tail = r.text.rsplit("\nFinal answer:", 1)[1]
+            assert "\n" not in tail and r.answer == extract_answer("Final answer:" + tail)
+
+
+async def _local(plan, rounds_done, signals):
+    return decide(plan, rounds_done, signals)
 
 
 def test_stream_order_and_text(loop, orchestrator, tiers):

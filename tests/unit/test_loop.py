@@ -15,7 +15,7 @@ from services.loop.orchestrator import (
     RoundDone,
 )
 from services.reasoning.loop import RoundLoop, RoundRecord, StreamRole, round_role
-from services.reasoning.prompts import Message
+from services.reasoning.prompts import Message, RoundPrompts
 from services.reasoning.thinking import TraceMarkers
 from services.reasoning.tiers import Action, DecidedBy, Reason, RoundPlan, Verdict
 from services.worker.engine import GenerateDelta, SamplingSpec
@@ -32,6 +32,9 @@ class WordTokenizer:
 
     def decode(self, ids):
         return " ".join("w" * i for i in ids)
+
+    def encode(self, text):
+        return [len(w) for w in text.split()]
 
 
 class FakeEngine:
@@ -249,3 +252,78 @@ def test_without_trace_markers_the_markers_are_just_text():
     o = orch(ThinkingEngine(), remote(None))
     outcome = run(o, RoundPlan("low", 1, 1, None))[-1].outcome
     assert outcome.content.startswith("<think>") and outcome.reasoning_content == ""
+
+
+class RamblingEngine:
+    """Rounds that never state an answer and run to their cap ("length"); a closing request (its id
+    ends in -close) completes the answer line with " 4", sure of it."""
+
+    def __init__(self):
+        self.calls = []
+
+    async def generate(self, rid, prompt, spec):
+        self.calls.append((rid, len(prompt), spec))
+        if rid.endswith("-close"):
+            yield GenerateDelta(" 4", [1], [SURE], finished=True, finish_reason="stop")
+            return
+        for i in range(spec.max_tokens):
+            last = i == spec.max_tokens - 1
+            yield GenerateDelta("ab ", [2], [UNSURE], finished=last, finish_reason="length" if last else None)
+
+
+def _run_capped(o, plan, cap, ignore_eos=False):
+    async def go():
+        conv = [Message("user", "what is 2 + 2")]
+        spec = SamplingSpec(max_tokens=cap, kv_tags=("s", 0, ""), ignore_eos=ignore_eos)
+        return [e async for e in o.run("r", conv, plan, spec)]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("plan", [RoundPlan("low", 1, 2, 0.82), RoundPlan("one", 1, 1, None)])
+def test_a_round_cut_before_its_answer_is_closed_within_its_cap(plan):
+    """The round gets its cap less the closing's reserve; cut there with no answer line, the router
+    writes "Final answer:" and the model completes the line: an answer, read with the model's own
+    confidence (the router's tokens left out), so the low tier exits after one round."""
+    engine = RamblingEngine()
+    events = _run_capped(orch(engine, remote(None)), plan, 40)
+    out = events[-1].outcome
+    (r,) = out.rounds
+    forced = len(["Final", "answer:"])  # the closing's tokens for this word tokenizer
+    assert [c[0] for c in engine.calls] == ["r-r0", "r-r0-close"]
+    assert engine.calls[0][2].max_tokens == 40 - forced - 16
+    close = engine.calls[1][2]
+    assert close.kv_tags is None and close.affinity == "s" and close.stop == ("\n",)
+    assert close.temperature == 0.0 and close.max_tokens == 16
+    assert (
+        engine.calls[1][1] == engine.calls[0][1] + (40 - forced - 16) + forced
+    )  # round, then "Final answer:"
+    assert r.text.endswith("ab \nFinal answer: 4") and r.text.count("Final answer:") == 1
+    assert (
+        r.closed
+        and r.summary()["closed"]
+        and r.answer == "4"
+        and r.confidence == 1.0
+        and r.completion_tokens == 40 - 16 + 1 <= 40
+    )
+    assert r.finish_reason == "stop" and out.exit_reason in (Reason.CONFIDENCE, Reason.CEILING)
+    assert "".join(e.text for e in events if isinstance(e, ContentDelta)) == out.content
+    assert r.prompt_tokens == engine.calls[0][1]  # the round's own prompt, not the closing's
+
+
+def test_a_round_is_not_closed_when_it_answered_closing_is_off_the_cap_is_small_or_it_must_fill_it():
+    answered = FakeEngine(UNSURE, words=40, answer="4")
+    out = _run_capped(orch(answered, remote(None)), RoundPlan("one", 1, 1, None), 40)[-1].outcome
+    assert [c[0] for c in answered.calls] == ["r-r0"] and out.rounds[0].answer == "4"
+    for prompts, cap, fill in (
+        (RoundPrompts(close_tokens=0), 40, False),
+        (RoundPrompts(), 20, False),
+        (RoundPrompts(), 40, True),
+    ):
+        engine = RamblingEngine()
+        o = orch(engine, remote(None))
+        o.prompts = prompts
+        out = _run_capped(o, RoundPlan("one", 1, 1, None), cap, ignore_eos=fill)[-1].outcome
+        assert [c[0] for c in engine.calls] == ["r-r0"] and engine.calls[0][2].max_tokens == cap
+        assert out.rounds[0].answer is None and out.rounds[0].finish_reason == "length"
+        assert not out.rounds[0].closed

@@ -54,3 +54,15 @@ def test_rounds_use_the_familys_instructions_and_pruning_keeps_them():
     assert [m.content for m in msgs if m.role == "user"] == ["2+2?", "Solve it again.", "Solve it again."]
     fitted = fit_transcript(conv, ["four", "4"], 10_000, lambda m: sum(len(x.content) for x in m), p)
     assert fitted.messages == msgs
+
+
+def test_a_familys_closing_must_read_as_an_answer():
+    fam = {"match": "x", "draft": "d", "verify": "v"}
+    p = PromptFamilies.model_validate({"families": {"x": {**fam, "close": "ANSWER: ", "close_tokens": 0}}})
+    assert p.for_model("x").close_tokens == 0  # off: any text
+    got = PromptFamilies.model_validate({"families": {"x": {**fam, "close": "So the final answer:"}}})
+    assert got.for_model("x").close == "So the final answer:" and got.for_model("x").close_tokens == 16
+    with pytest.raises(ValidationError, match="must contain 'Final answer:'"):
+        PromptFamilies.model_validate({"families": {"x": {**fam, "close": "Answer:"}}})
+    with pytest.raises(ValidationError):
+        PromptFamilies.model_validate({"families": {"x": {**fam, "close_tokens": 65}}})

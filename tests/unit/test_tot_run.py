@@ -21,6 +21,9 @@ class WordTokenizer:
     def decode(self, ids):
         return " ".join("w" * i for i in ids)
 
+    def encode(self, text):
+        return [len(w) for w in text.split()]
+
 
 class FakeExpander:
     """Child i of every expansion answers str(i); child 0 is sure, the rest unsure."""
