@@ -214,6 +214,10 @@ def test_policy_bench_json_plot_and_reanalysis(tmp_path, capsys):
         assert tokens == sorted(tokens)
         assert a["verdict"]["margin"] == 0.02 and a["verdict"]["token_ratio"]["value"] > 0
         assert set(a["default_minus"]) == set(a["policies"]) - {"default"}
+        firsts = [t["rounds"][0] for t in res["traces"] if t["format"] == fmt]
+        answered = sum(r["answer"] is not None for r in firsts) / len(firsts)
+        assert a["first_rounds"] == {"answered": answered, "closed": 0.0}  # 6-token rounds: never closed
+        assert not any(r["closed"] for t in res["traces"] for r in t["rounds"])
     plot = Path(res["plot"])
     assert plot.name == "policy_frontier_unseen.png" and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "best fixed" in capsys.readouterr().out
