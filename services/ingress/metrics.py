@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from services.loop.orchestrator import Outcome
+from services.reasoning.budgets import reason_budget
 from services.reasoning.loop import RoundRecord
 from services.reasoning.tiers import Verdict
 
@@ -179,9 +180,7 @@ class Recorder:
         exit_reason = outcome.exit_reason.value if outcome is not None else "none"
         self._put("ponder_requests", 1, tier=tier, strategy=strategy, exit_reason=exit_reason, status=status)
         for reason in degraded_reasons:
-            # The label is the budget's name: the reason's text carries counts and a key's id
-            # ("tokens_per_minute 1200/1000 for key k-3f2a"), which would make a series per value.
-            self._put("ponder_degraded_requests", 1, reason=reason.split(" ", 1)[0])
+            self._put("ponder_degraded_requests", 1, reason=reason_budget(reason))
         if outcome is None or not outcome.rounds:
             return
         rounds = outcome.rounds

@@ -276,8 +276,8 @@ class Orchestrator:
 
     def _closing(self) -> tuple[str, list[int]]:
         """The text (and its tokens) written after a round cut before its answer line."""
-        if self._forced is None:
-            text = closing_text(self.prompts)
+        text = closing_text(self.prompts)
+        if self._forced is None or self._forced[0] != text:  # encoded once per closing text
             self._forced = (text, self._tok.encode(text))
         return self._forced
 

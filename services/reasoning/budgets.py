@@ -190,7 +190,8 @@ class Budgets:
         return None
 
     def _pressure(self, api_key: str, max_rounds: int, now: float) -> list[str]:
-        """Why a new session must be shallow; empty when it may have what it asked for."""
+        """Why a new session must be shallow; empty when it may have what it asked for. Each reason
+        starts with its budget's name (`reason_budget`), then its figures."""
         cfg, reasons = self.cfg, []
         if max_rounds >= cfg.deep_rounds and self._deep >= cfg.max_deep_sessions:
             reasons.append(f"deep_sessions {self._deep}/{cfg.max_deep_sessions}")
@@ -363,3 +364,9 @@ class NodeLease:
 
     def put(self, n: int) -> None:
         self.busy -= max(0, min(n, self.busy))
+
+
+def reason_budget(reason: str) -> str:
+    """The budget a degraded reason names ("tokens_per_minute 1200/1000 for key k" -> its first word):
+    a bounded label, where the reason's figures and key id would make a metric series per value."""
+    return reason.split(" ", 1)[0]
