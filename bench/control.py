@@ -88,7 +88,9 @@ class ScriptedWorker:
     async def _info(self) -> dict:
         return {"vocab_size": self.vocab, "max_model_len": 4096}
 
-    async def _stream(self, rid: str, prompt: list[int], spec: dict, session: str | None = None):
+    async def _stream(
+        self, rid: str, prompt: list[int], spec: dict, session: str | None = None, follow: bool = False
+    ):
         top = [[i, -1.6] for i in range(5)]
         for i in range(self.tokens):
             last = i == self.tokens - 1

@@ -1,7 +1,8 @@
 """The router's side of the reasoning workers: one round streamed (resumed on another worker if its
 worker dies, services/loop/resume.py), n children of a prompt in one engine request (Tree-of-Thought),
 the engine's facts. Calls go through the worker deployment's Serve handle; the session travels as
-an explicit argument, which the affinity router (services/worker/affinity.py) reads.
+an explicit argument, which the affinity router (services/worker/affinity.py) reads, with `follow`
+for calls that go to the session's worker without moving it (a round's closing, a thinking probe).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class WorkerClient:
             rid = request_id if attempt == 0 else f"{request_id}~{attempt}"  # vLLM ids are unique
             carried = len(done)
             stream = self.handle.options(stream=True).generate_stream.remote(
-                rid, full, sub.__dict__, session=sub.session
+                rid, full, sub.__dict__, session=sub.session, follow=sub.follows
             )
             try:
                 async for d in stream:

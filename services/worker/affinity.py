@@ -18,12 +18,14 @@ from ray.serve._private.request_router.request_router import RequestRouter
 MAX_SESSIONS = 100_000
 
 
-def rank(holder: str | None, queues: dict[str, int], max_queue: int) -> list[list[str]]:
+def rank(holder: str | None, queues: dict[str, int], max_queue: int, follow: bool = False) -> list[list[str]]:
     """Replica ids in order of preference, one per rank: the holder first unless it is busy, then by
-    queue length (ties broken by id, so the order is reproducible)."""
+    queue length (ties broken by id, so the order is reproducible). A following call (`follow`: a
+    round's closing, a probe) goes to the holder however busy: the prefix it extends is cached there,
+    and it is a few tokens."""
     others = sorted((r for r in queues if r != holder), key=lambda r: (queues[r], r))
     if holder in queues:
-        if queues[holder] < max_queue:
+        if follow or queues[holder] < max_queue:
             return [[holder], *([r] for r in others)]
         return [*([r] for r in others), [holder]]
     return [[r] for r in others]
@@ -33,6 +35,13 @@ def session_of(kwargs: Any) -> str | None:
     """The session a worker call names: its `session` keyword (services/ingress/worker_client.py)."""
     session = kwargs.get("session") if isinstance(kwargs, dict) else None
     return session if isinstance(session, str) and session else None
+
+
+def moves_holder(kwargs: Any) -> bool:
+    """Whether a call makes its replica the session's holder: a round does; a call marked `follow`
+    (a round's closing, a thinking probe: routed to the holder, never stored) does not, so that a
+    round spilled to another worker is not followed there by the session's next round."""
+    return session_of(kwargs) is not None and not kwargs.get("follow")
 
 
 class SessionAffinityRouter(RequestRouter):
@@ -50,19 +59,23 @@ class SessionAffinityRouter(RequestRouter):
         cache = self._replica_queue_len_cache
         queues = {rid: cache.get(r.replica_id) or 0 for rid, r in by_id.items()}
         holder = self.holders.get(session)
-        order = rank(holder, queues, self.max_queue)
-        if holder is None:
-            self.stats["new_sessions"] += 1
-        elif order and order[0] == [holder]:
-            self.stats["affinity_hits"] += 1
-        else:
-            self.stats["affinity_spills"] += 1
+        follow = not moves_holder(pending_request.kwargs)
+        order = rank(holder, queues, self.max_queue, follow)
+        if not follow:  # the counts are the rounds'
+            key = (
+                "new_sessions"
+                if holder is None
+                else "affinity_hits"
+                if order[:1] == [[holder]]
+                else "affinity_spills"
+            )
+            self.stats[key] += 1
         return [[by_id[rid] for rid in group] for group in order]
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        session = session_of(pending_request.kwargs)
-        if session is None:
+        if not moves_holder(pending_request.kwargs):
             return
+        session = session_of(pending_request.kwargs)
         self.holders[session] = replica_id.unique_id
         self.holders.move_to_end(session)
         if len(self.holders) > MAX_SESSIONS:

@@ -79,9 +79,15 @@ class ReasoningWorker:
         self.info = await self.engine.start()
         log.info("worker ready: %s", self.info)
 
-    # `session` is for the affinity router (services/worker/affinity.py), which routes by it.
+    # `session` and `follow` are for the affinity router (services/worker/affinity.py), which routes by
+    # them.
     async def generate_stream(
-        self, request_id: str, prompt_token_ids: list[int], spec: dict, session: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: dict,
+        session: str | None = None,
+        follow: bool = False,
     ) -> AsyncIterator[dict]:
         async for delta in self.engine.generate_stream(request_id, prompt_token_ids, spec_from_dict(spec)):
             if delta.finished:
@@ -89,7 +95,12 @@ class ReasoningWorker:
             yield delta_to_dict(delta)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: dict, session: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: dict,
+        session: str | None = None,
+        follow: bool = False,
     ) -> dict:
         result = await self.engine.generate(request_id, prompt_token_ids, spec_from_dict(spec))
         result.worker = self.replica

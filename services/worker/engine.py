@@ -41,6 +41,12 @@ class SamplingSpec:
         """The session this call belongs to, for affinity: its KV tags' session, else `affinity`."""
         return self.kv_tags[0] if self.kv_tags else self.affinity
 
+    @property
+    def follows(self) -> bool:
+        """Routed to the session's worker without becoming its round there (a closing, a probe): the
+        affinity router keeps the session's holder, so the next round goes where the last round ran."""
+        return not self.kv_tags and self.affinity is not None
+
 
 def round_tags(sampling: SamplingSpec, round_: int, branch: str = "") -> tuple[str, int, str] | None:
     """The KV store's tags for one round of a session (the request's tags name the session)."""

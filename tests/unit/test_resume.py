@@ -67,7 +67,7 @@ class _Worker:
     def options(self, stream: bool):
         return SimpleNamespace(generate_stream=SimpleNamespace(remote=self._remote))
 
-    def _remote(self, rid, prompt, spec, session=None):
+    def _remote(self, rid, prompt, spec, session=None, follow=False):
         self.calls.append((rid, list(prompt), spec["max_tokens"]))
         self.sessions.append(session)
         tokens, dies = self.script.pop(0)
