@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from services.config import AppConfig
 
@@ -144,7 +146,39 @@ def running(cfg: AppConfig, progress: Callable[[str], None] = print) -> Iterator
         shutdown()
 
 
+# Between Ray's worker ports (10002-19999 by default) and the kernel's ephemeral range (32768 and up on
+# Linux): a port the kernel hands out for outgoing connections can be taken by any of Ray's own
+# connections between our pick and the bind, or by the time a stopped app is started again on it
+# (seen once in CI: "Failed to bind to address" when `ponder serve` restarted on its port).
+PORTS = (20000, 32768)
+_rng = random.Random()  # its own: a test that seeds `random` must not make two picks collide
+_given: set[int] = set()  # never the same port twice from one process (several picks, then binds)
+
+
+def _ephemeral() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free on loopback now, outside the kernel's ephemeral range where it can be."""
+    lo, hi = PORTS
+    eph_lo, eph_hi = _ephemeral()
+    start = _rng.randrange(lo, hi)
+    for i in range(hi - lo):
+        port = lo + (start - lo + i) % (hi - lo)
+        if eph_lo <= port <= eph_hi or port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    with socket.socket() as s:  # all taken: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
