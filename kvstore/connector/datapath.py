@@ -222,11 +222,7 @@ class KvDataPath:
             # The scatter index goes up with the data: built later, on the compute stream, it would be
             # a blocking copy queued behind the DMA, and the step would launch no scatter until the
             # DMA is done (measured: the 2k load took the DMA's time plus 32 serial launches).
-            job.index = (
-                tuple(id(c) for c in job.chunks),
-                self._device_ids(job.chunks),
-                _stride(job.chunks, self.layout),
-            )
+            job.index = self._index(job.chunks)
             job.event = torch.cuda.Event()
             job.event.record(self.copy_stream)
 
@@ -272,9 +268,8 @@ class KvDataPath:
         if not live:
             return
         lay, bd = self.layout, self.layout.block_dim
-        key = tuple(id(c) for c in live)
-        if job.index is None or job.index[0] != key:  # the first layer, or a chunk failed since
-            job.index = (key, self._device_ids(live), _stride(live, lay))
+        if job.index is None or job.index[0] != tuple(id(c) for c in live):  # first layer, or a chunk failed
+            job.index = self._index(live)
         _, ids, stride = job.index
         if stride is not None:
             values = self._strided(live[0].base, live[0].addr, stride, len(live), index)
@@ -291,8 +286,10 @@ class KvDataPath:
         self._rows[index].index_copy_(bd, ids, lay.rows(src))
         self.copy_ops["scatter"] += 1
 
-    def _device_ids(self, chunks: list[_Chunk]) -> torch.Tensor:
-        return self._to_device([b for c in chunks for b in c.dst])
+    def _index(self, chunks: list[_Chunk]) -> tuple[tuple[int, ...], torch.Tensor, int | None]:
+        """What a scatter of these chunks needs: their identity, the cache blocks, their stride."""
+        ids = self._to_device([b for c in chunks for b in c.dst])
+        return tuple(id(c) for c in chunks), ids, _stride(chunks, self.layout)
 
     def _to_device(self, ids: list[int]) -> torch.Tensor:
         """Block ids as an index tensor on the cache's device, without blocking the host on CUDA (from

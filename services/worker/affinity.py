@@ -62,15 +62,16 @@ class SessionAffinityRouter(RequestRouter):
         follow = not moves_holder(pending_request.kwargs)
         order = rank(holder, queues, self.max_queue, follow)
         if not follow:  # the counts are the rounds'
-            key = (
-                "new_sessions"
-                if holder is None
-                else "affinity_hits"
-                if order[:1] == [[holder]]
-                else "affinity_spills"
-            )
-            self.stats[key] += 1
+            self._count(holder, order)
         return [[by_id[rid] for rid in group] for group in order]
+
+    def _count(self, holder: str | None, order: list[list[str]]) -> None:
+        if holder is None:
+            self.stats["new_sessions"] += 1
+        elif order[:1] == [[holder]]:
+            self.stats["affinity_hits"] += 1
+        else:
+            self.stats["affinity_spills"] += 1
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
         if not moves_holder(pending_request.kwargs):

@@ -79,8 +79,8 @@ class ReasoningWorker:
         self.info = await self.engine.start()
         log.info("worker ready: %s", self.info)
 
-    # `session` and `follow` are for the affinity router (services/worker/affinity.py), which routes by
-    # them.
+    # `session` (and a streamed call's `follow`) are for the affinity router (services/worker/affinity.py),
+    # which routes by them.
     async def generate_stream(
         self,
         request_id: str,
@@ -95,12 +95,7 @@ class ReasoningWorker:
             yield delta_to_dict(delta)
 
     async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        spec: dict,
-        session: str | None = None,
-        follow: bool = False,
+        self, request_id: str, prompt_token_ids: list[int], spec: dict, session: str | None = None
     ) -> dict:
         result = await self.engine.generate(request_id, prompt_token_ids, spec_from_dict(spec))
         result.worker = self.replica
